@@ -1,0 +1,162 @@
+"""Checkpoint loading: every GPT-2 weight format in circulation, strictly, without running pickled code.
+
+Accepted: graykode's legacy `gpt2-pytorch_model.bin` (no key prefix, `h.N.attn.bias` mask buffers,
+old TensorFlow-port `.g`/`.b`/`.w` names), Hugging Face `pytorch_model.bin` and `model.safetensors`
+(with or without the `transformer.` prefix, `lm_head.weight`, `attn.bias` / `attn.masked_bias`).
+The format is read from the file's first bytes, never guessed from its name.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from gpt2.config import GPT2Config, n_head_for
+from gpt2.errors import GPT2Error
+from gpt2.model import GPT2LMHeadModel
+
+# Looked for, in this order, when a directory is given.
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "gpt2-pytorch_model.bin")
+
+# GPT-2 was written in TensorFlow, where these projections are "Conv1D" with weights stored as
+# (in_features, out_features); nn.Linear wants (out_features, in_features), hence one transpose at load.
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+# Causal-mask buffers that old checkpoints carry (the model builds its mask itself), and the LM head,
+# which GPT-2 ties to the token embedding.
+_IGNORED = re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$|^lm_head\.weight$")
+_OLD_SUFFIXES = {".g": ".weight", ".w": ".weight", ".b": ".bias"}
+
+
+def find_weight_file(path: Path) -> Path:
+    """The weight file itself, or the first of WEIGHT_FILES inside a model directory."""
+    path = Path(path)
+    if path.is_dir():
+        for name in WEIGHT_FILES:
+            if (path / name).is_file():
+                return path / name
+        raise GPT2Error(f"{path}: no {', '.join(WEIGHT_FILES)} in this directory; "
+                        "download one with scripts/download_weights.sh")
+    if not path.is_file():
+        raise GPT2Error(f"{path}: no such checkpoint file; check the path or run scripts/download_weights.sh")
+    return path
+
+
+def read_state_dict(path: Path) -> dict[str, Tensor]:
+    """Tensors of a .bin (zip or legacy torch format) or .safetensors file; never unpickles code."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            head = f.read(9)
+        if len(head) >= 9 and head[8:9] == b"{" and head[:4] != b"PK\x03\x04":
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            try:
+                state = load_file(str(path))
+            except SafetensorError as exc:
+                raise GPT2Error(f"{path}: corrupt safetensors file ({exc}); download it again") from exc
+        else:
+            # mmap avoids a second in-memory copy; only the zip format (torch >= 1.6) supports it.
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=head[:4] == b"PK\x03\x04")
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else "not a torch checkpoint"
+        raise GPT2Error(f"{path}: refused to load: it holds more than plain tensors or is corrupt "
+                        f"({reason}); use a checkpoint from a trusted source") from exc
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError, IndexError) as exc:
+        raise GPT2Error(f"{path}: unreadable checkpoint ({type(exc).__name__}: {str(exc)[:200]}); "
+                        "the file is truncated or corrupt: download it again") from exc
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise GPT2Error(f"{path}: not a state dict of tensors; this is not a GPT-2 checkpoint")
+    return dict(state)
+
+
+def canonical_key(key: str) -> str | None:
+    """The model's parameter name for a checkpoint key, or None for keys that carry nothing needed."""
+    key = key.removeprefix("transformer.")
+    if _IGNORED.search(key):
+        return None
+    for old, new in _OLD_SUFFIXES.items():
+        if key.endswith(old):
+            key = key[: -len(old)] + new
+            break
+    return "transformer." + key
+
+
+def infer_config(state: Mapping[str, Tensor]) -> GPT2Config:
+    """Hyper-parameters read off tensor shapes, for checkpoints that come without a config.json."""
+    shapes = {canonical_key(k): tuple(v.shape) for k, v in state.items()}
+    wte, wpe = shapes.get("transformer.wte.weight"), shapes.get("transformer.wpe.weight")
+    if wte is None or wpe is None or len(wte) != 2 or len(wpe) != 2:
+        raise GPT2Error("checkpoint has no 2-D wte/wpe embeddings: this is not a GPT-2 checkpoint")
+    layers = {int(m.group(1)) for k in shapes if k and (m := re.match(r"transformer\.h\.(\d+)\.", k))}
+    if not layers:
+        raise GPT2Error("checkpoint has no transformer blocks (h.N.*): this is not a GPT-2 checkpoint")
+    return GPT2Config(vocab_size=wte[0], n_positions=wpe[0], n_embd=wte[1], n_layer=max(layers) + 1,
+                      n_head=n_head_for(wte[1]))
+
+
+def convert_state_dict(state: Mapping[str, Tensor], expected: Mapping[str, torch.Size],
+                       dtype: torch.dtype | None = None, source: str = "checkpoint") -> dict[str, Tensor]:
+    """Rename, transpose Conv1D weights and cast; raise naming any missing, unexpected or mis-shaped key."""
+    out: dict[str, Tensor] = {}
+    unexpected, misshaped, seen = [], [], set()
+    for key, tensor in state.items():
+        name = canonical_key(key)
+        if name is None:
+            continue
+        if name not in expected or not tensor.is_floating_point():
+            unexpected.append(key)
+            continue
+        if name.endswith(CONV1D_WEIGHTS) and tensor.dim() == 2:
+            tensor = tensor.t()
+        seen.add(name)
+        if tensor.shape != expected[name]:
+            misshaped.append(f"{key} {tuple(tensor.shape)} (expected {tuple(expected[name])})")
+            continue
+        out[name] = tensor.to(dtype=dtype or tensor.dtype, memory_format=torch.contiguous_format)
+    missing = sorted(set(expected) - seen)
+    problems = [f"{label}: {_listing(items)}" for label, items in
+                (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)) if items]
+    if problems:
+        raise GPT2Error(f"{source}: does not match GPT-2 ({'; '.join(problems)}); "
+                        "use a GPT-2 checkpoint or a config.json that matches it")
+    return out
+
+
+def _listing(items: list[str], most: int = 4) -> str:
+    shown = ", ".join(items[:most])
+    return shown + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
+def load_weight(model: GPT2LMHeadModel, state_dict: Mapping[str, Tensor]) -> GPT2LMHeadModel:
+    """graykode's entry point: copy a raw checkpoint state dict into an existing model."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    model.load_state_dict(convert_state_dict(state_dict, expected), strict=True)
+    return model
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> GPT2LMHeadModel:
+    """A ready (eval-mode) model from a weight file or model directory.
+
+    The config comes from a config.json beside the weights when there is one, else from tensor shapes.
+    The model is built on the meta device and takes the loaded tensors as they are (assign=True), so
+    no time or memory goes into a random initialisation that would be overwritten.
+    """
+    weight_file = find_weight_file(Path(path))
+    state = read_state_dict(weight_file)
+    config_file = weight_file.parent / "config.json"
+    config = GPT2Config.from_json(config_file) if config_file.is_file() else infer_config(state)
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    weights = convert_state_dict(state, expected, dtype, source=str(weight_file))
+    del state
+    model.load_state_dict(weights, strict=True, assign=True)
+    return model.to(device).eval()

@@ -1,0 +1,138 @@
+"""GPT-2 in plain PyTorch, with a preallocated KV cache for incremental decoding.
+
+Module names equal the checkpoint keys (`transformer.h.0.attn.c_attn`, ...) so loading is a rename
+loop. Projections are `nn.Linear`: the checkpoints' Conv1D weights are transposed once at load time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gpt2.config import GPT2Config
+
+
+class KVCache(nn.Module):
+    """Keys and values of one block for every position so far, written in place (no cat per step)."""
+
+    def __init__(self, batch_size: int, n_head: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        shape = (batch_size, n_head, max_len, head_dim)  # (B, n_head, S_max, head_dim)
+        # Only slots [0, end) are ever read and every one of them is written first, so no zeroing.
+        self.register_buffer("k", torch.empty(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.empty(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, n_head, T, head_dim) at slots start..start+T; return all slots up to there."""
+        end = start + k.size(2)
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, start: int, mask: Tensor | None) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, -1).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = k.view(B, T, self.n_head, -1).transpose(1, 2)  # (B, n_head, T, head_dim)
+        v = v.view(B, T, self.n_head, -1).transpose(1, 2)  # (B, n_head, T, head_dim)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(start, k, v)  # (B, n_head, start + T, head_dim)
+        # With no explicit mask: causal for a prompt from slot 0, nothing to hide for one new token.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, n_embd)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm decoder block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, start: int, mask: Tensor | None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), start, mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2LMHeadModel(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.n_positions, config.n_embd),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+
+    def setup_caches(self, batch_size: int, max_len: int) -> None:
+        """Give every block a fresh KV cache for `batch_size` rows of up to `max_len` positions."""
+        if max_len > self.config.n_positions:
+            raise ValueError(f"max_len {max_len} exceeds the context window {self.config.n_positions}")
+        weight = self.transformer.wte.weight
+        for block in self.transformer.h:
+            block.attn.kv_cache = KVCache(batch_size, self.config.n_head, max_len, self.config.head_dim,
+                                          weight.dtype, weight.device)
+
+    def clear_caches(self) -> None:
+        for block in self.transformer.h:
+            block.attn.kv_cache = None
+
+    def forward(self, idx: Tensor, start: int = 0, position_ids: Tensor | None = None,
+                key_valid: Tensor | None = None, last_only: bool = False) -> Tensor:
+        """Logits (B, T, vocab) for tokens idx (B, T) sitting at cache slots start..start+T.
+
+        position_ids (B, T) default to the slot numbers; key_valid (B, start+T) marks the slots that
+        hold real tokens (False for left padding). last_only computes the logits of the last slot only.
+        """
+        B, T = idx.shape
+        device = idx.device
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=device).unsqueeze(0)  # (1, T)
+        x = self.transformer.wte(idx) + self.transformer.wpe(position_ids)  # (B, T, n_embd)
+        mask = self._attention_mask(start, T, key_valid, device)
+        for block in self.transformer.h:
+            x = block(x, start, mask)
+        if last_only:
+            x = x[:, -1:]
+        x = self.transformer.ln_f(x)
+        return F.linear(x, self.transformer.wte.weight)  # tied LM head: (B, T, vocab)
+
+    @staticmethod
+    def _attention_mask(start: int, T: int, key_valid: Tensor | None, device: torch.device) -> Tensor | None:
+        """None where SDPA's own causal flag is exact; else a (B, 1, T, start+T) bool mask."""
+        if key_valid is None and (start == 0 or T == 1):
+            return None
+        end = start + T
+        query_slot = torch.arange(start, end, device=device).unsqueeze(1)  # (T, 1)
+        key_slot = torch.arange(end, device=device).unsqueeze(0)  # (1, end)
+        mask = key_slot <= query_slot  # (T, end)
+        if key_valid is not None:
+            # A padding slot still sees itself, so that no row of the softmax is empty (NaN).
+            mask = mask & (key_valid[:, None, :end] | (key_slot == query_slot))  # (B, T, end)
+        return mask.unsqueeze(-3)  # (B or 1, 1, T, end)

@@ -1,0 +1,122 @@
+"""Sampling: logit filters, the next-token draw, and the prefill/decode generation loop.
+
+The draw follows graykode (and transformers' `generate`): logits / temperature, top-k, then top-p,
+softmax, one `torch.multinomial` over the full vocabulary per step from the global generator, so that
+a given `torch.manual_seed` yields the same tokens as `generate(do_sample=True)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gpt2.model import GPT2LMHeadModel
+
+
+def top_k_logits(logits: Tensor, k: int) -> Tensor:
+    """Keep the k largest logits of each row (ties with the k-th included); k = 0 keeps all."""
+    if k <= 0:
+        return logits
+    kth = torch.topk(logits, min(k, logits.size(-1))).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_logits(logits: Tensor, p: float) -> Tensor:
+    """Nucleus filter: keep the most probable tokens whose probabilities sum to at least p (1.0 keeps all)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative <= 1 - p
+    drop_sorted[..., -1:] = False  # the most probable token always stays
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def next_token(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """One token per row (B,) from last-position logits (B, vocab); temperature 0 is greedy."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = top_p_logits(top_k_logits(logits / temperature, top_k), top_p)
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1).squeeze(1)
+
+
+def generate(model: GPT2LMHeadModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             eot_token: int | None = None) -> Iterator[Tensor]:
+    """Yield each step's new tokens (B,) for a batch of prompts, which may differ in length.
+
+    Shorter prompts are left-padded and masked, with positions counted from their first real token,
+    so every row continues as if it ran alone. With `eot_token`, a row that has produced it keeps
+    producing it, and generation stops once every row has.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (use the end-of-text token to start)")
+    if max_new_tokens < 1:
+        return
+    device = model.transformer.wte.weight.device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    width = int(lengths.max())
+    idx = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        idx[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+    total = width + max_new_tokens
+    key_valid = position_ids = next_position = None
+    if bool((lengths != width).any()):
+        key_valid = torch.ones(len(prompts), total, dtype=torch.bool, device=device)
+        key_valid[:, :width] = torch.arange(width, device=device) >= (width - lengths).unsqueeze(1)
+        position_ids = (key_valid[:, :width].long().cumsum(1) - 1).clamp(min=0)  # (B, width)
+        next_position = lengths.unsqueeze(1)  # (B, 1)
+    model.setup_caches(len(prompts), total)
+    try:
+        logits = _prefill(model, idx, position_ids, key_valid)
+        finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            token = next_token(logits, temperature, top_k, top_p)
+            if eot_token is not None:
+                token = token.masked_fill(finished, eot_token)
+                finished |= token == eot_token
+            yield token
+            if step + 1 == max_new_tokens or (eot_token is not None and bool(finished.all())):
+                return
+            logits = _decode_step(model, token, width + step, next_position, key_valid)
+            if next_position is not None:
+                next_position = next_position + 1
+    finally:
+        model.clear_caches()
+
+
+@torch.inference_mode()
+def _prefill(model: GPT2LMHeadModel, idx: Tensor, position_ids: Tensor | None,
+             key_valid: Tensor | None) -> Tensor:
+    return model(idx, 0, position_ids, key_valid, last_only=True)[:, -1]  # (B, vocab)
+
+
+@torch.inference_mode()
+def _decode_step(model: GPT2LMHeadModel, token: Tensor, slot: int, position: Tensor | None,
+                 key_valid: Tensor | None) -> Tensor:
+    return model(token.unsqueeze(1), slot, position, key_valid, last_only=True)[:, -1]  # (B, vocab)
+
+
+def sample_sequence(model: GPT2LMHeadModel, length: int, start_token: int | None = None,
+                    batch_size: int = 1, context: Sequence[int] | None = None, temperature: float = 1.0,
+                    top_k: int = 0, device: str | torch.device | None = None, sample: bool = True,
+                    top_p: float = 1.0, eot_token: int | None = None) -> Tensor:
+    """graykode's signature: (batch_size, len(context) + generated) token ids, the context included.
+
+    Give either `context` (a token list) or `start_token`. `sample=False` is greedy. `device` is
+    accepted for compatibility; the model's own device is used. With `eot_token`, rows that end early
+    are padded with it and the result may be shorter than `length` new tokens.
+    """
+    if (context is None) == (start_token is None):
+        raise ValueError("specify exactly one of start_token and context")
+    prompt = list(context) if context is not None else [start_token]
+    steps = list(generate(model, [prompt] * batch_size, length, temperature if sample else 0.0,
+                          top_k, top_p, eot_token))
+    device = model.transformer.wte.weight.device
+    head = torch.tensor([prompt] * batch_size, dtype=torch.long, device=device)
+    return torch.cat([head, *(t.unsqueeze(1) for t in steps)], dim=1)
