@@ -83,9 +83,18 @@ class GPT2LMHeadModel(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
         self.config = config
+        # The embeddings are passed their (empty) weights and initialised below, off the meta device
+        # only: there normal_ would import torch._dynamo, 1.5 s of start-up before loading a checkpoint.
+        wte = nn.Embedding(config.vocab_size, config.n_embd,
+                           _weight=torch.empty(config.vocab_size, config.n_embd))
+        wpe = nn.Embedding(config.n_positions, config.n_embd,
+                           _weight=torch.empty(config.n_positions, config.n_embd))
+        if not wte.weight.is_meta:
+            nn.init.normal_(wte.weight)
+            nn.init.normal_(wpe.weight)
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.n_positions, config.n_embd),
+            wte=wte,
+            wpe=wpe,
             h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
