@@ -8,14 +8,21 @@ stdout, everything else to stderr.
 from __future__ import annotations
 
 import argparse
-import codecs
+import json
 import os
 import random
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gpt2.textstream import SampleText
 
 LEGACY_WEIGHTS = "gpt2-pytorch_model.bin"  # graykode's file name, looked for in the working directory
 DTYPES = ("float32", "bfloat16", "float16")
+SEPARATOR = "=" * 40
 
 
 class UsageError(Exception):
@@ -29,24 +36,33 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="main.py", description="Generate text with GPT-2 (samples on stdout, logs on stderr).")
-    p.add_argument("--text", help="the prompt; without it (and without --unconditional) read from stdin")
+    p.add_argument("--text", help="the prompt; without it (and without --prompt_file) read from stdin, or asked "
+                                  "for interactively when stdin is a terminal")
+    p.add_argument("--prompt_file", metavar="FILE",
+                   help="one prompt per line (blank lines skipped); - reads them from stdin")
     p.add_argument("--quiet", action="store_true", help="print only the samples, no header or separators")
-    p.add_argument("--nsamples", type=int, default=1, help="samples to generate (default 1)")
+    p.add_argument("--nsamples", type=int, default=1, help="samples per prompt (default 1)")
     p.add_argument("--unconditional", action="store_true", help="generate from <|endoftext|>, no prompt")
-    p.add_argument("--batch_size", type=int, default=1, help="samples per forward pass; divides --nsamples")
+    p.add_argument("--batch_size", type=int, default=1, help="samples per forward pass; divides --nsamples (1)")
     p.add_argument("--length", type=int, default=None,
                    help="new tokens per sample (default: half the context window, shrunk to fit the prompt)")
     p.add_argument("--temperature", type=float, default=0.7, help="softmax temperature; 0 is greedy (0.7)")
     p.add_argument("--top_k", type=int, default=40, help="sample from the k most likely tokens; 0 = all (40)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off (1.0)")
+    p.add_argument("--stop", action="append", default=[], metavar="STRING",
+                   help="end a sample at this string, which is not printed (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random, shown in the header)")
+    p.add_argument("--format", choices=("text", "jsonl"), default="text",
+                   help="text (graykode's layout) or jsonl: one JSON object per sample (default text)")
     p.add_argument("--model", default="gpt2",
                    help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, or a path to a checkpoint "
                         "file or model directory with the vocabulary beside it (default gpt2)")
-    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if available)")
+    p.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="weight precision (default float32)")
     p.add_argument("--offline", action="store_true",
                    help="never download (also on with HF_HUB_OFFLINE=1); fail if the model is missing")
+    p.add_argument("--stats", action="store_true", help="print load time, time to first token and tokens/s "
+                                                        "to stderr")
     return p
 
 
@@ -64,19 +80,42 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--top_p must be in (0, 1], got {args.top_p}")
     if not args.temperature >= 0:
         raise UsageError(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
+    if args.prompt_file is not None and (args.text is not None or args.unconditional):
+        raise UsageError("--prompt_file cannot be combined with --text or --unconditional: pick one")
+    if any(not s for s in args.stop):
+        raise UsageError("--stop needs a non-empty string")
 
 
-def read_prompt(args: argparse.Namespace) -> str | None:
-    """The prompt text: --text, else stdin when it is not a terminal; None when unconditional."""
+def _decode_input(data: bytes) -> str:
+    """Prompt bytes as text; invalid UTF-8 becomes U+FFFD rather than an error."""
+    return data.decode("utf-8", errors="replace")
+
+
+def read_prompts(args: argparse.Namespace) -> list[str] | None:
+    """The prompts of a non-interactive run; [None] when unconditional; None means interactive."""
     if args.unconditional:
-        return None
+        return [None]
+    if args.prompt_file is not None:
+        if args.prompt_file == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            try:
+                data = Path(args.prompt_file).read_bytes()
+            except OSError as exc:
+                raise UsageError(f"cannot read --prompt_file {args.prompt_file}: {exc.strerror}") from exc
+        prompts = [line.removesuffix("\r") for line in _decode_input(data).split("\n")]
+        prompts = [p for p in prompts if p.strip()]
+        if not prompts:
+            raise UsageError(f"no prompts in {args.prompt_file}: give one prompt per line")
+        return prompts
     text = args.text
-    if text is None and not sys.stdin.isatty():
-        text = sys.stdin.buffer.read().decode("utf-8", errors="replace")
-        text = text.removesuffix("\n").removesuffix("\r")
+    if text is None:
+        if sys.stdin.isatty():
+            return None
+        text = _decode_input(sys.stdin.buffer.read()).removesuffix("\n").removesuffix("\r")
     if not text:
         raise UsageError("empty prompt: pass --text \"...\", pipe text on stdin, or use --unconditional")
-    return text
+    return [text]
 
 
 def locate_model(spec: str, offline: bool, quiet: bool) -> tuple[Path, Path]:
@@ -132,65 +171,192 @@ def pick_device(requested: str | None):
         raise UsageError(f"unknown --device {requested!r}: use cpu or cuda") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA GPU is available: use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {requested!r} is not supported: use cpu or cuda")
     return device
 
 
-def write(stream, text: str) -> None:
-    """Write text as UTF-8 whatever the locale, and flush (so a reader sees it at once)."""
-    stream.write(text.encode("utf-8"))
-    stream.flush()
+@dataclass
+class Job:
+    """One sample to generate: which prompt, its tokens and its length budget."""
+
+    prompt_index: int
+    sample_index: int
+    prompt: str | None
+    context: list[int]
+    length: int
+    started: float = 0.0
+    finished: float = 0.0
+    text: SampleText | None = None  # set when generation starts
+
+
+class Output:
+    """Everything written to stdout: graykode's text layout, or one JSON object per sample."""
+
+    def __init__(self, args: argparse.Namespace, seed: int) -> None:
+        self.args, self.seed = args, seed
+        self.stream = sys.stdout.buffer
+        self.jsonl = args.format == "jsonl"
+        self.layout = not args.quiet and not self.jsonl
+
+    def write(self, text: str) -> None:
+        # UTF-8 whatever the locale, flushed so that a reader sees every token as it comes.
+        self.stream.write(text.encode("utf-8"))
+        self.stream.flush()
+
+    def header(self, settings: dict) -> None:
+        if self.layout:
+            self.write(f"Namespace({', '.join(f'{k}={v!r}' for k, v in settings.items())})\n")
+
+    def sample_start(self, job: Job) -> None:
+        if not self.layout:
+            return
+        if job.sample_index == 0 and job.prompt is not None:
+            self.write(job.prompt + "\n")
+        self.write(f"{SEPARATOR} SAMPLE {job.sample_index + 1} {SEPARATOR}\n")
+
+    def sample_text(self, text: str) -> None:
+        if not self.jsonl and text:
+            self.write(text)
+
+    def sample_end(self, job: Job) -> None:
+        if not self.jsonl:
+            self.write("\n")
+            return
+        seconds = job.finished - job.started
+        record = dict(prompt=job.prompt, prompt_index=job.prompt_index, sample_index=job.sample_index,
+                      text=job.text.text, tokens=job.text.tokens, seed=self.seed,
+                      finish_reason=job.text.finish_reason,
+                      tokens_per_second=round(len(job.text.tokens) / seconds, 2) if seconds > 0 else None)
+        self.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def generate_batch(model, enc, jobs: list[Job], args: argparse.Namespace, out: Output, stats: Stats) -> None:
+    """Generate one batch of jobs; with one job, its text is written as it is generated."""
+    from gpt2.sample import generate
+    from gpt2.textstream import SampleText
+
+    streaming = len(jobs) == 1 and not out.jsonl
+    start = time.perf_counter()
+    for job in jobs:
+        job.text, job.started = SampleText(enc, args.stop), start
+    if streaming:
+        out.sample_start(jobs[0])
+    steps = generate(model, [job.context for job in jobs], max(job.length for job in jobs), args.temperature,
+                     args.top_k, args.top_p, eot_token=enc.eot_token)
+    for step, tokens in enumerate(steps):
+        stats.token(len(jobs))
+        for job, token in zip(jobs, tokens.tolist()):
+            if job.text.done:
+                continue
+            piece = job.text.push(token)
+            if not job.text.done and step + 1 == job.length:
+                piece += job.text.finish("length")
+            if job.text.done:
+                job.finished = time.perf_counter()
+            if streaming:
+                out.sample_text(piece)
+        if all(job.text.done for job in jobs):
+            steps.close()
+            break
+    for job in jobs:
+        if not job.text.done:  # generate() stopped early: every row reached end-of-text
+            job.text.finish("eot")
+            job.finished = time.perf_counter()
+        if not streaming:
+            out.sample_start(job)
+            out.sample_text(job.text.text)
+        out.sample_end(job)
+
+
+class Stats:
+    """--stats: load time, time to first token and decode tokens/s, on stderr."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+        self.loaded_at = self.t0
+        self.first: float | None = None
+        self.tokens = 0
+
+    def loaded(self) -> None:
+        self.loaded_at = time.perf_counter()
+        if self.enabled:
+            print(f"stats: model loaded in {self.loaded_at - self.t0:.2f} s", file=sys.stderr)
+
+    def token(self, count: int) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
+        self.tokens += count
+
+    def report(self) -> None:
+        if not self.enabled or self.first is None:
+            return
+        elapsed = time.perf_counter() - self.first
+        rate = f"{(self.tokens - 1) / elapsed:.1f} tokens/s" if elapsed > 0 and self.tokens > 1 else "n/a"
+        print(f"stats: first token after {self.first - self.loaded_at:.3f} s, {self.tokens} tokens, {rate}",
+              file=sys.stderr)
+
+
+def make_jobs(prompts: list[str | None], enc, n_ctx: int, args: argparse.Namespace) -> list[Job]:
+    jobs = []
+    for index, prompt in enumerate(prompts):
+        context = enc.encode(prompt) if prompt is not None else [enc.eot_token]
+        try:
+            length = resolve_length(args.length, len(context), n_ctx)
+        except UsageError as exc:
+            raise UsageError(f"prompt {index + 1}: {exc}" if len(prompts) > 1 else str(exc)) from None
+        jobs.extend(Job(index, s, prompt, context, length) for s in range(args.nsamples))
+    return jobs
 
 
 def run(args: argparse.Namespace) -> int:
     check_args(args)
-    prompt = read_prompt(args)
+    prompts = read_prompts(args)
     import torch
 
     from gpt2.checkpoint import load_model
     from gpt2.download import verify_vocab
     from gpt2.encoder import get_encoder
-    from gpt2.sample import generate
 
+    stats = Stats(args.stats)
     device = pick_device(args.device)
     weights, vocab_dir = locate_model(args.model, args.offline, args.quiet)
     verify_vocab(vocab_dir)
     enc = get_encoder(vocab_dir)
     model = load_model(weights, device=device, dtype=getattr(torch, args.dtype))
-    context = enc.encode(prompt) if prompt is not None else [enc.eot_token]
-    length = resolve_length(args.length, len(context), model.config.n_ctx)
+    stats.loaded()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     torch.manual_seed(seed)
+    out = Output(args, seed)
+    n_ctx = model.config.n_ctx
 
-    out = sys.stdout.buffer
-    if not args.quiet:
-        settings = dict(vars(args), length=length, seed=seed, device=str(device))
-        write(out, f"Namespace({', '.join(f'{k}={v!r}' for k, v in settings.items())})\n")
-        if prompt is not None:
-            write(out, prompt + "\n")
-    generated = 0
-    for _ in range(args.nsamples // args.batch_size):
-        rows: list[list[int]] = [[] for _ in range(args.batch_size)]
-        stream = args.batch_size == 1
-        if stream and not args.quiet:
-            write(out, f"{'=' * 40} SAMPLE {generated + 1} {'=' * 40}\n")
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace") if stream else None
-        for step in generate(model, [context] * args.batch_size, length, args.temperature, args.top_k,
-                             args.top_p, eot_token=enc.eot_token):
-            for row, token in zip(rows, step.tolist()):
-                if token != enc.eot_token and (not row or row[-1] != enc.eot_token):
-                    row.append(token)
-                    if decoder is not None:
-                        write(out, decoder.decode(enc.decode_bytes([token])))
-            if all(row and row[-1] == enc.eot_token for row in rows):
-                break
-        for row in rows:
-            generated += 1
-            if decoder is not None:
-                write(out, decoder.decode(b"", final=True) + "\n")
+    if prompts is None:  # interactive, as openai/gpt-2's interactive_conditional_samples.py
+        out.header(dict(vars(args), seed=seed, device=str(device)))
+        while True:
+            try:
+                text = input("Model prompt >>> ")
+            except EOFError:
+                print(file=sys.stderr)
+                return 0
+            if not text.strip():
+                print("Prompt should not be empty!", file=sys.stderr)
                 continue
-            if not args.quiet:
-                write(out, f"{'=' * 40} SAMPLE {generated} {'=' * 40}\n")
-            write(out, enc.decode(row) + "\n")
+            try:
+                jobs = make_jobs([text], enc, n_ctx, args)
+            except UsageError as exc:
+                print(f"main.py: error: {exc}", file=sys.stderr)
+                continue
+            for i in range(0, len(jobs), args.batch_size):
+                generate_batch(model, enc, jobs[i:i + args.batch_size], args, out, stats)
+            stats.report()
+
+    jobs = make_jobs(prompts, enc, n_ctx, args)
+    lengths = sorted({job.length for job in jobs})
+    out.header(dict(vars(args), length=lengths[0] if len(lengths) == 1 else lengths, seed=seed, device=str(device)))
+    for i in range(0, len(jobs), args.batch_size):
+        generate_batch(model, enc, jobs[i:i + args.batch_size], args, out, stats)
+    stats.report()
     return 0
 
 
@@ -207,6 +373,14 @@ def main(argv: list[str] | None = None) -> int:
     except GPT2Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`| head -n 1`): stop quietly, and keep Python's exit-time flush of
+        # stdout from raising again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

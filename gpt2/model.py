@@ -100,9 +100,11 @@ class GPT2LMHeadModel(nn.Module):
         ))
 
     def setup_caches(self, batch_size: int, max_len: int) -> None:
-        """Give every block a fresh KV cache for `batch_size` rows of up to `max_len` positions."""
-        if max_len > self.config.n_positions:
-            raise ValueError(f"max_len {max_len} exceeds the context window {self.config.n_positions}")
+        """Give every block a fresh KV cache of `max_len` slots for `batch_size` rows.
+
+        Slots are not positions: with left-padded prompts a row's positions start after its padding,
+        so a batch may hold more slots than the context window.
+        """
         weight = self.transformer.wte.weight
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(batch_size, self.config.n_head, max_len, self.config.head_dim,

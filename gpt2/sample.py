@@ -71,6 +71,7 @@ def generate(model: GPT2LMHeadModel, prompts: Sequence[Sequence[int]], max_new_t
         key_valid[:, :width] = torch.arange(width, device=device) >= (width - lengths).unsqueeze(1)
         position_ids = (key_valid[:, :width].long().cumsum(1) - 1).clamp(min=0)  # (B, width)
         next_position = lengths.unsqueeze(1)  # (B, 1)
+        max_position = model.config.n_positions - 1
     model.setup_caches(len(prompts), total)
     try:
         logits = _prefill(model, idx, position_ids, key_valid)
@@ -83,7 +84,10 @@ def generate(model: GPT2LMHeadModel, prompts: Sequence[Sequence[int]], max_new_t
             yield token
             if step + 1 == max_new_tokens or (eot_token is not None and bool(finished.all())):
                 return
-            logits = _decode_step(model, token, width + step, next_position, key_valid)
+            # A row past its own budget may run on in the batch: its position is held at the window's
+            # last, and the caller ignores what it produces.
+            position = None if next_position is None else next_position.clamp(max=max_position)
+            logits = _decode_step(model, token, width + step, position, key_valid)
             if next_position is not None:
                 next_position = next_position + 1
     finally:
