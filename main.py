@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from gpt2.textstream import SampleText
 
 LEGACY_WEIGHTS = "gpt2-pytorch_model.bin"  # graykode's file name, looked for in the working directory
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "int8")
 SEPARATOR = "=" * 40
 
 
@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, or a path to a checkpoint "
                         "file or model directory with the vocabulary beside it (default gpt2)")
     p.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="weight precision (default float32)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="weight precision; int8: int8 weights, bfloat16 activations (default float32)")
     p.add_argument("--offline", action="store_true",
                    help="never download (also on with HF_HUB_OFFLINE=1); fail if the model is missing")
     p.add_argument("--stats", action="store_true", help="print load time, time to first token and tokens/s "
@@ -324,7 +325,8 @@ def run(args: argparse.Namespace) -> int:
     weights, vocab_dir = locate_model(args.model, args.offline, args.quiet)
     verify_vocab(vocab_dir)
     enc = get_encoder(vocab_dir)
-    model = load_model(weights, device=device, dtype=getattr(torch, args.dtype))
+    int8 = args.dtype == "int8"
+    model = load_model(weights, device=device, dtype=torch.bfloat16 if int8 else getattr(torch, args.dtype), int8=int8)
     stats.loaded()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     torch.manual_seed(seed)

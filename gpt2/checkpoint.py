@@ -142,8 +142,10 @@ def load_weight(model: GPT2LMHeadModel, state_dict: Mapping[str, Tensor]) -> GPT
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> GPT2LMHeadModel:
+               dtype: torch.dtype = torch.float32, int8: bool = False) -> GPT2LMHeadModel:
     """A ready (eval-mode) model from a weight file or model directory.
+
+    `int8` stores the projection and LM-head weights as int8 (gpt2.quantize); activations stay `dtype`.
 
     The config comes from a config.json beside the weights when there is one, else from tensor shapes.
     The model is built on the meta device and takes the loaded tensors as they are (assign=True), so
@@ -159,4 +161,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     weights = convert_state_dict(state, expected, dtype, source=str(weight_file))
     del state
     model.load_state_dict(weights, strict=True, assign=True)
+    del weights
+    if int8:
+        from gpt2.quantize import quantize_int8
+
+        quantize_int8(model)
     return model.to(device).eval()

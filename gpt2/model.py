@@ -12,6 +12,40 @@ from torch import Tensor, nn
 
 from gpt2.config import GPT2Config
 
+# Matrix-vector products (decoding: a few rows against a large weight) are bound by memory bandwidth,
+# and MKL runs each on a single thread. Cutting the weight into one slice per thread and multiplying
+# the slices as a batch (bmm) streams them in parallel. Up to this many rows; beyond, F.linear is a
+# compute-bound GEMM that MKL already parallelises.
+SPLIT_MAX_ROWS = 8
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight, bias), with small float32 CPU products split across threads (see above)."""
+    rows, parts = x.numel() // x.size(-1), torch.get_num_threads()
+    if rows > SPLIT_MAX_ROWS or parts < 2 or x.device.type != "cpu" or x.dtype != torch.float32:
+        return F.linear(x, weight, bias)
+    out_features = weight.size(0)
+    even = out_features - out_features % parts
+    x2 = x.reshape(rows, -1)  # (rows, in)
+    w = weight[:even].view(parts, even // parts, -1)  # (parts, out/parts, in)
+    xt = x2.t().expand(parts, -1, -1)  # (parts, in, rows)
+    if bias is None:
+        y = torch.bmm(w, xt)
+    else:
+        y = torch.baddbmm(bias[:even].view(parts, -1, 1), w, xt)  # (parts, out/parts, rows)
+    y = y.permute(2, 0, 1).reshape(rows, even)  # (rows, even)
+    if even < out_features:
+        rest = F.linear(x2, weight[even:], None if bias is None else bias[even:])  # (rows, out - even)
+        y = torch.cat([y, rest], dim=1)
+    return y.view(*x.shape[:-1], out_features)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same checkpoint keys) computed by `linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
 
 class KVCache(nn.Module):
     """Keys and values of one block for every position so far, written in place (no cat per step)."""
@@ -36,8 +70,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, start: int, mask: Tensor | None) -> Tensor:
@@ -57,8 +91,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
@@ -98,6 +132,8 @@ class GPT2LMHeadModel(nn.Module):
             h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
+        # None: the LM head is the token embedding (tied). gpt2.quantize puts an int8 copy here.
+        self.lm_head: nn.Module | None = None
 
     def setup_caches(self, batch_size: int, max_len: int) -> None:
         """Give every block a fresh KV cache of `max_len` slots for `batch_size` rows.
@@ -132,7 +168,9 @@ class GPT2LMHeadModel(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.transformer.ln_f(x)
-        return F.linear(x, self.transformer.wte.weight)  # tied LM head: (B, T, vocab)
+        if self.lm_head is not None:
+            return self.lm_head(x)  # (B, T, vocab)
+        return linear(x, self.transformer.wte.weight)  # tied LM head: (B, T, vocab)
 
     @staticmethod
     def _attention_mask(start: int, T: int, key_valid: Tensor | None, device: torch.device) -> Tensor | None:
