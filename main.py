@@ -81,6 +81,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--top_p must be in (0, 1], got {args.top_p}")
     if not args.temperature >= 0:
         raise UsageError(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
     if args.prompt_file is not None and (args.text is not None or args.unconditional):
         raise UsageError("--prompt_file cannot be combined with --text or --unconditional: pick one")
     if any(not s for s in args.stop):

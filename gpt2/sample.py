@@ -121,6 +121,5 @@ def sample_sequence(model: GPT2LMHeadModel, length: int, start_token: int | None
     prompt = list(context) if context is not None else [start_token]
     steps = list(generate(model, [prompt] * batch_size, length, temperature if sample else 0.0,
                           top_k, top_p, eot_token))
-    device = model.transformer.wte.weight.device
-    head = torch.tensor([prompt] * batch_size, dtype=torch.long, device=device)
+    head = torch.tensor([prompt] * batch_size, dtype=torch.long, device=model.transformer.wte.weight.device)
     return torch.cat([head, *(t.unsqueeze(1) for t in steps)], dim=1)
