@@ -71,7 +71,7 @@ def check_args(args: argparse.Namespace) -> None:
     """Argument errors that need neither the prompt nor the model."""
     if args.nsamples < 1 or args.batch_size < 1:
         raise UsageError("--nsamples and --batch_size must be at least 1")
-    if args.nsamples % args.batch_size:
+    if args.nsamples % args.batch_size and args.prompt_file is None:  # a prompt file's batches mix prompts
         raise UsageError(f"--nsamples {args.nsamples} is not a multiple of --batch_size {args.batch_size}")
     if args.length is not None and args.length < 1:
         raise UsageError(f"--length must be at least 1, got {args.length}")
@@ -234,6 +234,30 @@ class Output:
         self.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
+def check_memory(model, batch: list[Job]) -> None:
+    """Refuse a batch whose KV cache and per-step logits cannot fit in the memory that is free (Linux).
+
+    Without this, a huge --batch_size makes the machine swap or the kernel kill the process.
+    """
+    weight = model.transformer.wte.weight
+    if weight.device.type != "cpu":
+        return
+    cfg = model.config
+    slots = max(len(job.context) for job in batch) + max(job.length for job in batch)
+    cache = 2 * cfg.n_layer * cfg.n_embd * slots * weight.element_size()
+    logits = 4 * cfg.vocab_size * 4  # float32 logits, filtered copy, probabilities, draw
+    need = len(batch) * (cache + logits)
+    batch_size = len(batch)
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return
+    if need > free:
+        raise UsageError(f"--batch_size {batch_size} needs about {need / 2**30:.1f} GiB for generation but only "
+                         f"{free / 2**30:.1f} GiB is free: lower --batch_size")
+
+
 def generate_batch(model, enc, jobs: list[Job], args: argparse.Namespace, out: Output, stats: Stats) -> None:
     """Generate one batch of jobs; with one job, its text is written as it is generated."""
     from gpt2.sample import generate
@@ -313,6 +337,15 @@ def make_jobs(prompts: list[str | None], enc, n_ctx: int, args: argparse.Namespa
     return jobs
 
 
+def plan_batches(prompts: list[str | None], enc, model, args: argparse.Namespace) -> list[list[Job]]:
+    """Every prompt's samples, in order, cut into batches that are known to fit in memory."""
+    jobs = make_jobs(prompts, enc, model.config.n_ctx, args)
+    planned = [jobs[i:i + args.batch_size] for i in range(0, len(jobs), args.batch_size)]
+    for batch in planned:
+        check_memory(model, batch)
+    return planned
+
+
 def run(args: argparse.Namespace) -> int:
     check_args(args)
     prompts = read_prompts(args)
@@ -333,7 +366,6 @@ def run(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     torch.manual_seed(seed)
     out = Output(args, seed)
-    n_ctx = model.config.n_ctx
 
     if prompts is None:  # interactive, as openai/gpt-2's interactive_conditional_samples.py
         out.header(dict(vars(args), seed=seed, device=str(device)))
@@ -347,19 +379,18 @@ def run(args: argparse.Namespace) -> int:
                 print("Prompt should not be empty!", file=sys.stderr)
                 continue
             try:
-                jobs = make_jobs([text], enc, n_ctx, args)
+                for batch in plan_batches([text], enc, model, args):
+                    generate_batch(model, enc, batch, args, out, stats)
             except UsageError as exc:
                 print(f"main.py: error: {exc}", file=sys.stderr)
                 continue
-            for i in range(0, len(jobs), args.batch_size):
-                generate_batch(model, enc, jobs[i:i + args.batch_size], args, out, stats)
             stats.report()
 
-    jobs = make_jobs(prompts, enc, n_ctx, args)
-    lengths = sorted({job.length for job in jobs})
+    planned = plan_batches(prompts, enc, model, args)
+    lengths = sorted({job.length for batch in planned for job in batch})
     out.header(dict(vars(args), length=lengths[0] if len(lengths) == 1 else lengths, seed=seed, device=str(device)))
-    for i in range(0, len(jobs), args.batch_size):
-        generate_batch(model, enc, jobs[i:i + args.batch_size], args, out, stats)
+    for batch in planned:
+        generate_batch(model, enc, batch, args, out, stats)
     stats.report()
     return 0
 
