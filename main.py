@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -94,6 +95,14 @@ def _decode_input(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
 
 
+def _argv_text(value: str) -> str:
+    """Command-line text as valid Unicode: bytes that were not UTF-8 (surrogate escapes) become U+FFFD."""
+    try:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a lone surrogate that no byte string produced (only from Python callers)
+        return value.encode("utf-8", "replace").decode("utf-8")
+
+
 def read_prompts(args: argparse.Namespace) -> list[str] | None:
     """The prompts of a non-interactive run; [None] when unconditional; None means interactive."""
     if args.unconditional:
@@ -111,7 +120,7 @@ def read_prompts(args: argparse.Namespace) -> list[str] | None:
         if not prompts:
             raise UsageError(f"no prompts in {args.prompt_file}: give one prompt per line")
         return prompts
-    text = args.text
+    text = None if args.text is None else _argv_text(args.text)
     if text is None:
         if sys.stdin.isatty():
             return None
@@ -179,15 +188,22 @@ def pick_device(requested: str | None):
     return device
 
 
-@dataclass
-class Job:
-    """One sample to generate: which prompt, its tokens and its length budget."""
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt ready to generate from: its line index, text (None: unconditional), tokens and budget."""
 
-    prompt_index: int
-    sample_index: int
-    prompt: str | None
+    index: int
+    text: str | None
     context: list[int]
     length: int
+
+
+@dataclass
+class Job:
+    """One sample of one prompt."""
+
+    prompt: Prompt
+    sample_index: int
     started: float = 0.0
     finished: float = 0.0
     text: SampleText | None = None  # set when generation starts
@@ -214,8 +230,8 @@ class Output:
     def sample_start(self, job: Job) -> None:
         if not self.layout:
             return
-        if job.sample_index == 0 and job.prompt is not None:
-            self.write(job.prompt + "\n")
+        if job.sample_index == 0 and job.prompt.text is not None:
+            self.write(job.prompt.text + "\n")
         self.write(f"{SEPARATOR} SAMPLE {job.sample_index + 1} {SEPARATOR}\n")
 
     def sample_text(self, text: str) -> None:
@@ -227,15 +243,15 @@ class Output:
             self.write("\n")
             return
         seconds = job.finished - job.started
-        record = dict(prompt=job.prompt, prompt_index=job.prompt_index, sample_index=job.sample_index,
+        record = dict(prompt=job.prompt.text, prompt_index=job.prompt.index, sample_index=job.sample_index,
                       text=job.text.text, tokens=job.text.tokens, seed=self.seed,
                       finish_reason=job.text.finish_reason,
                       tokens_per_second=round(len(job.text.tokens) / seconds, 2) if seconds > 0 else None)
         self.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def check_memory(model, batch: list[Job]) -> None:
-    """Refuse a batch whose KV cache and per-step logits cannot fit in the memory that is free (Linux).
+def check_memory(model, prompts: list[Prompt], rows: int) -> None:
+    """Refuse batches whose KV cache and per-step logits cannot fit in the memory that is free (Linux).
 
     Without this, a huge --batch_size makes the machine swap or the kernel kill the process.
     """
@@ -243,18 +259,17 @@ def check_memory(model, batch: list[Job]) -> None:
     if weight.device.type != "cpu":
         return
     cfg = model.config
-    slots = max(len(job.context) for job in batch) + max(job.length for job in batch)
+    slots = max(len(p.context) for p in prompts) + max(p.length for p in prompts)
     cache = 2 * cfg.n_layer * cfg.n_embd * slots * weight.element_size()
     logits = 4 * cfg.vocab_size * 4  # float32 logits, filtered copy, probabilities, draw
-    need = len(batch) * (cache + logits)
-    batch_size = len(batch)
+    need = rows * (cache + logits)
     try:
         with open("/proc/meminfo") as f:
             free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
         return
     if need > free:
-        raise UsageError(f"--batch_size {batch_size} needs about {need / 2**30:.1f} GiB for generation but only "
+        raise UsageError(f"--batch_size {rows} needs about {need / 2**30:.1f} GiB for generation but only "
                          f"{free / 2**30:.1f} GiB is free: lower --batch_size")
 
 
@@ -269,15 +284,15 @@ def generate_batch(model, enc, jobs: list[Job], args: argparse.Namespace, out: O
         job.text, job.started = SampleText(enc, args.stop), start
     if streaming:
         out.sample_start(jobs[0])
-    steps = generate(model, [job.context for job in jobs], max(job.length for job in jobs), args.temperature,
-                     args.top_k, args.top_p, eot_token=enc.eot_token)
+    steps = generate(model, [job.prompt.context for job in jobs], max(job.prompt.length for job in jobs),
+                     args.temperature, args.top_k, args.top_p, eot_token=enc.eot_token)
     for step, tokens in enumerate(steps):
         stats.token(len(jobs))
         for job, token in zip(jobs, tokens.tolist()):
             if job.text.done:
                 continue
             piece = job.text.push(token)
-            if not job.text.done and step + 1 == job.length:
+            if not job.text.done and step + 1 == job.prompt.length:
                 piece += job.text.finish("length")
             if job.text.done:
                 job.finished = time.perf_counter()
@@ -325,49 +340,62 @@ class Stats:
               file=sys.stderr)
 
 
-def make_jobs(prompts: list[str | None], enc, n_ctx: int, args: argparse.Namespace) -> list[Job]:
-    jobs = []
-    for index, prompt in enumerate(prompts):
-        context = enc.encode(prompt) if prompt is not None else [enc.eot_token]
+def encode_prompts(texts: list[str | None], enc, n_ctx: int, length: int | None) -> list[Prompt]:
+    prompts = []
+    longest_token = max(len(piece) for piece in enc.encoder)  # in bytes (one stand-in character per byte)
+    for index, text in enumerate(texts):
         try:
-            length = resolve_length(args.length, len(context), n_ctx)
+            if text is not None and len(text.encode("utf-8")) > n_ctx * longest_token:
+                # Surely too long, and not worth encoding (BPE is slow on huge words).
+                raise UsageError(f"the prompt is {len(text.encode('utf-8'))} bytes, more than the model's "
+                                 f"{n_ctx}-token window can hold: shorten it")
+            context = enc.encode(text) if text is not None else [enc.eot_token]
+            prompts.append(Prompt(index, text, context, resolve_length(length, len(context), n_ctx)))
         except UsageError as exc:
-            raise UsageError(f"prompt {index + 1}: {exc}" if len(prompts) > 1 else str(exc)) from None
-        jobs.extend(Job(index, s, prompt, context, length) for s in range(args.nsamples))
-    return jobs
+            raise UsageError(f"prompt {index + 1}: {exc}" if len(texts) > 1 else str(exc)) from None
+    return prompts
 
 
-def plan_batches(prompts: list[str | None], enc, model, args: argparse.Namespace) -> list[list[Job]]:
-    """Every prompt's samples, in order, cut into batches that are known to fit in memory."""
-    jobs = make_jobs(prompts, enc, model.config.n_ctx, args)
-    planned = [jobs[i:i + args.batch_size] for i in range(0, len(jobs), args.batch_size)]
-    for batch in planned:
-        check_memory(model, batch)
-    return planned
+def iter_batches(prompts: list[Prompt], nsamples: int, batch_size: int) -> Iterator[list[Job]]:
+    """Every prompt's samples in order, batch_size at a time (made as needed: nsamples may be huge)."""
+    batch: list[Job] = []
+    for prompt in prompts:
+        for sample_index in range(nsamples):
+            batch.append(Job(prompt, sample_index))
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
 
 
 def run(args: argparse.Namespace) -> int:
     check_args(args)
-    prompts = read_prompts(args)
+    texts = read_prompts(args)
     import torch
 
     from gpt2.checkpoint import load_model
     from gpt2.download import verify_vocab
     from gpt2.encoder import get_encoder
+    from gpt2.errors import GPT2Error
 
     stats = Stats(args.stats)
     device = pick_device(args.device)
     weights, vocab_dir = locate_model(args.model, args.offline, args.quiet)
     verify_vocab(vocab_dir)
     enc = get_encoder(vocab_dir)
+    args.stop = [_argv_text(stop) for stop in args.stop]
     int8 = args.dtype == "int8"
     model = load_model(weights, device=device, dtype=torch.bfloat16 if int8 else getattr(torch, args.dtype), int8=int8)
+    if model.config.vocab_size < len(enc.encoder):
+        raise GPT2Error(f"{weights}: the model has {model.config.vocab_size} token embeddings but the vocabulary "
+                        f"{len(enc.encoder)} tokens: use the vocabulary files that belong to this checkpoint")
     stats.loaded()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     torch.manual_seed(seed)
     out = Output(args, seed)
 
-    if prompts is None:  # interactive, as openai/gpt-2's interactive_conditional_samples.py
+    if texts is None:  # interactive, as openai/gpt-2's interactive_conditional_samples.py
         out.header(dict(vars(args), seed=seed, device=str(device)))
         while True:
             try:
@@ -379,17 +407,20 @@ def run(args: argparse.Namespace) -> int:
                 print("Prompt should not be empty!", file=sys.stderr)
                 continue
             try:
-                for batch in plan_batches([text], enc, model, args):
-                    generate_batch(model, enc, batch, args, out, stats)
+                prompts = encode_prompts([text], enc, model.config.n_ctx, args.length)
+                check_memory(model, prompts, min(args.batch_size, args.nsamples))
             except UsageError as exc:
                 print(f"main.py: error: {exc}", file=sys.stderr)
                 continue
+            for batch in iter_batches(prompts, args.nsamples, args.batch_size):
+                generate_batch(model, enc, batch, args, out, stats)
             stats.report()
 
-    planned = plan_batches(prompts, enc, model, args)
-    lengths = sorted({job.length for batch in planned for job in batch})
+    prompts = encode_prompts(texts, enc, model.config.n_ctx, args.length)
+    check_memory(model, prompts, min(args.batch_size, args.nsamples * len(prompts)))
+    lengths = sorted({p.length for p in prompts})
     out.header(dict(vars(args), length=lengths[0] if len(lengths) == 1 else lengths, seed=seed, device=str(device)))
-    for batch in planned:
+    for batch in iter_batches(prompts, args.nsamples, args.batch_size):
         generate_batch(model, enc, batch, args, out, stats)
     stats.report()
     return 0

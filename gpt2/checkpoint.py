@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -49,31 +50,47 @@ def find_weight_file(path: Path) -> Path:
 
 def read_state_dict(path: Path) -> dict[str, Tensor]:
     """Tensors of a .bin (zip or legacy torch format) or .safetensors file; never unpickles code."""
+    from safetensors import SafetensorError
+
     path = Path(path)
     try:
         with path.open("rb") as f:
             head = f.read(9)
         if len(head) >= 9 and head[8:9] == b"{" and head[:4] != b"PK\x03\x04":
-            from safetensors import SafetensorError
             from safetensors.torch import load_file
 
-            try:
-                state = load_file(str(path))
-            except SafetensorError as exc:
-                raise GPT2Error(f"{path}: corrupt safetensors file ({exc}); download it again") from exc
+            state = load_file(str(path))
         else:
-            # mmap avoids a second in-memory copy; only the zip format (torch >= 1.6) supports it.
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=head[:4] == b"PK\x03\x04")
+            with warnings.catch_warnings():  # torch warns about some refused pickles: the error says it all
+                warnings.simplefilter("ignore")
+                state = _torch_load(path, zipped=head[:4] == b"PK\x03\x04")
     except pickle.UnpicklingError as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else "not a torch checkpoint"
-        raise GPT2Error(f"{path}: refused to load: it holds more than plain tensors or is corrupt "
-                        f"({reason}); use a checkpoint from a trusted source") from exc
-    except (OSError, RuntimeError, EOFError, ValueError, KeyError, IndexError) as exc:
-        raise GPT2Error(f"{path}: unreadable checkpoint ({type(exc).__name__}: {str(exc)[:200]}); "
+        raise GPT2Error(f"{path}: refused to load: it holds more than plain tensors, or is corrupt "
+                        f"({_first_line(exc)}); use a checkpoint from a trusted source") from exc
+    except SafetensorError as exc:
+        raise GPT2Error(f"{path}: corrupt safetensors file ({_first_line(exc)}); download it again") from exc
+    except Exception as exc:  # noqa: BLE001 -- a corrupt file can make the parsers raise almost anything
+        raise GPT2Error(f"{path}: unreadable checkpoint ({type(exc).__name__}: {_first_line(exc)}); "
                         "the file is truncated or corrupt: download it again") from exc
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise GPT2Error(f"{path}: not a state dict of tensors; this is not a GPT-2 checkpoint")
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, Tensor)
+                                                 for k, v in state.items()):
+        raise GPT2Error(f"{path}: not a state dict of named tensors; this is not a GPT-2 checkpoint")
     return dict(state)
+
+
+def _torch_load(path: Path, zipped: bool) -> object:
+    if path.suffix == ".safetensors":
+        # torch.load hands paths named *.safetensors to safetensors; this file's bytes say torch format.
+        with path.open("rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
+    # mmap avoids a second in-memory copy; only the zip format (torch >= 1.6) supports it.
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, without terminal escape codes, at most 200 characters."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def canonical_key(key: str) -> str | None:
@@ -88,17 +105,35 @@ def canonical_key(key: str) -> str | None:
     return "transformer." + key
 
 
-def infer_config(state: Mapping[str, Tensor]) -> GPT2Config:
-    """Hyper-parameters read off tensor shapes, for checkpoints that come without a config.json."""
+def shape_sizes(state: Mapping[str, Tensor], source: str = "checkpoint") -> dict[str, int]:
+    """vocab_size, n_positions, n_embd and n_layer read off tensor shapes."""
     shapes = {canonical_key(k): tuple(v.shape) for k, v in state.items()}
     wte, wpe = shapes.get("transformer.wte.weight"), shapes.get("transformer.wpe.weight")
     if wte is None or wpe is None or len(wte) != 2 or len(wpe) != 2:
-        raise GPT2Error("checkpoint has no 2-D wte/wpe embeddings: this is not a GPT-2 checkpoint")
+        raise GPT2Error(f"{source}: has no 2-D wte/wpe embeddings: this is not a GPT-2 checkpoint")
     layers = {int(m.group(1)) for k in shapes if k and (m := re.match(r"transformer\.h\.(\d+)\.", k))}
     if not layers:
-        raise GPT2Error("checkpoint has no transformer blocks (h.N.*): this is not a GPT-2 checkpoint")
-    return GPT2Config(vocab_size=wte[0], n_positions=wpe[0], n_embd=wte[1], n_layer=max(layers) + 1,
-                      n_head=n_head_for(wte[1]))
+        raise GPT2Error(f"{source}: has no transformer blocks (h.N.*): this is not a GPT-2 checkpoint")
+    if layers != set(range(len(layers))):
+        missing = next(i for i in range(len(layers) + 1) if i not in layers)
+        raise GPT2Error(f"{source}: blocks are not numbered 0..{len(layers) - 1} (h.{max(layers)} present, "
+                        f"h.{missing} missing): the file is damaged or not GPT-2")
+    return dict(vocab_size=wte[0], n_positions=wpe[0], n_embd=wte[1], n_layer=len(layers))
+
+
+def infer_config(state: Mapping[str, Tensor], source: str = "checkpoint") -> GPT2Config:
+    """Hyper-parameters read off tensor shapes, for checkpoints that come without a config.json."""
+    sizes = shape_sizes(state, source)
+    return GPT2Config(**sizes, n_head=n_head_for(sizes["n_embd"]))
+
+
+def _checked_against(declared: GPT2Config, sizes: dict[str, int], config_file: Path) -> GPT2Config:
+    """config.json's config, once its sizes agree with the tensors (before anything is built from it)."""
+    for name, size in sizes.items():
+        if getattr(declared, name) != size:
+            raise GPT2Error(f"{config_file}: {name} is {getattr(declared, name)} but the weights beside it have "
+                            f"{size}: fix or delete config.json")
+    return declared
 
 
 def convert_state_dict(state: Mapping[str, Tensor], expected: Mapping[str, torch.Size],
@@ -119,6 +154,8 @@ def convert_state_dict(state: Mapping[str, Tensor], expected: Mapping[str, torch
         if tensor.shape != expected[name]:
             misshaped.append(f"{key} {tuple(tensor.shape)} (expected {tuple(expected[name])})")
             continue
+        if not bool(torch.isfinite(tensor).all()):
+            raise GPT2Error(f"{source}: tensor {key} holds NaN or infinite values; the checkpoint is damaged")
         out[name] = tensor.to(dtype=dtype or tensor.dtype, memory_format=torch.contiguous_format)
     missing = sorted(set(expected) - seen)
     problems = [f"{label}: {_listing(items)}" for label, items in
@@ -154,7 +191,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     weight_file = find_weight_file(Path(path))
     state = read_state_dict(weight_file)
     config_file = weight_file.parent / "config.json"
-    config = GPT2Config.from_json(config_file) if config_file.is_file() else infer_config(state)
+    if config_file.is_file():
+        config = _checked_against(GPT2Config.from_json(config_file), shape_sizes(state, str(weight_file)),
+                                  config_file)
+    else:
+        config = infer_config(state, str(weight_file))
     with torch.device("meta"):
         model = GPT2LMHeadModel(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}

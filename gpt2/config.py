@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -54,8 +55,10 @@ class GPT2Config:
             if key not in known:
                 continue
             want = float if key == "layer_norm_epsilon" else int
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise GPT2Error(f"{path}: {key} must be a positive number, got {value!r}")
+            if want is int and value != int(value):
+                raise GPT2Error(f"{path}: {key} must be a whole number, got {value!r}")
             values[key] = want(value)
         return cls(**values)
 

@@ -41,7 +41,10 @@ def next_token(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: 
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = top_p_logits(top_k_logits(logits / temperature, top_k), top_p)
+    scaled = logits / temperature
+    if not bool(torch.isfinite(scaled.amax(dim=-1)).all()):  # a temperature so near 0 that it overflows:
+        return logits.argmax(dim=-1)  # the limit of sampling as temperature -> 0 is the greedy choice
+    logits = top_p_logits(top_k_logits(scaled, top_k), top_p)
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1).squeeze(1)
 
 

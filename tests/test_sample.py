@@ -1,0 +1,410 @@
+"""
+Tests for gpt2/sample.py: token-identical to transformers' generate() under the same seed and weights.
+
+transformers draws each token as we do (logits / temperature, top-k, top-p, softmax, one multinomial
+over the whole vocabulary per step from the global generator), so after the same torch.manual_seed the
+two must produce the same ids, token for token, including where end-of-text stops the batch early.
+The models have the real vocabulary (50257) so the draws are over the real width; one case runs at the
+real 124M shape.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config as HFConfig
+from transformers import GPT2LMHeadModel as HFModel
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+from gpt2.checkpoint import load_model
+from gpt2.model import GPT2LMHeadModel
+from gpt2.sample import generate, next_token, sample_sequence, top_k_logits, top_p_logits
+
+EOT = 50256
+VOCAB = 50257
+NEG_INF = float("-inf")
+
+# ---------------------------------------------------------------------------------------------------
+# helpers and fixtures
+
+
+def random_hf(seed: int, **config) -> HFModel:
+    """A transformers GPT-2 with every tensor drawn at random, scaled so that the next-token distribution
+    is neither flat nor one-hot (logits of std ~2): top-k and top-p then cut at varying places."""
+    torch.manual_seed(seed)
+    hf = HFModel(HFConfig(**config)).eval()
+    gen = torch.Generator().manual_seed(seed)
+    n_embd = hf.config.n_embd
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if name.endswith(("wte.weight", "wpe.weight")):
+                p.copy_(2 * noise / n_embd**0.5)
+            elif ".ln_" in name and name.endswith(".weight"):
+                p.copy_(1 + 0.2 * noise)
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(noise / p.shape[0] ** 0.5)
+    return hf
+
+
+def legacy_state(hf: HFModel) -> dict[str, torch.Tensor]:
+    """graykode's gpt2-pytorch_model.bin layout: no prefix, no lm_head, h.N.attn.bias mask buffers."""
+    n_pos = hf.config.n_positions
+    state = {}
+    for key, value in hf.state_dict().items():
+        if key == "lm_head.weight":
+            continue
+        key = key.removeprefix("transformer.")
+        state[key] = value
+        if key.endswith(".attn.c_attn.weight"):
+            state[key.replace("c_attn.weight", "bias")] = torch.tril(torch.ones(n_pos, n_pos)).view(1, 1, n_pos, n_pos)
+    return state
+
+
+def _conftest_has(name: str) -> bool:
+    try:
+        import conftest
+    except ImportError:
+        return False
+    return hasattr(conftest, name)
+
+
+# The 124M fixtures are session-scoped in conftest.py; local copies stand in while it lacks them.
+if not _conftest_has("hf_124m"):
+
+    @pytest.fixture(scope="session")
+    def hf_124m() -> HFModel:
+        torch.manual_seed(0)
+        return HFModel(HFConfig()).eval()  # transformers' defaults are the 124M shape
+
+
+if not _conftest_has("legacy_dir"):
+
+    @pytest.fixture(scope="session")
+    def legacy_dir(hf_124m: HFModel, vocab_dir: Path, tmp_path_factory) -> Path:
+        path = tmp_path_factory.mktemp("legacy_124m")
+        torch.save(legacy_state(hf_124m), path / "gpt2-pytorch_model.bin", _use_new_zipfile_serialization=False)
+        for name in ("encoder.json", "vocab.bpe"):
+            shutil.copy(vocab_dir / name, path / name)
+        return path
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Sampling runs thousands of tiny ops; on a busy 2-core machine each one waits for the second thread
+    to be scheduled (ten times slower). Both sides run under the same setting; the multi-thread product
+    has its own tests in test_model.py."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[HFModel, GPT2LMHeadModel]:
+    """Two layers of width 64 over the real vocabulary; ours loaded from transformers' save_pretrained."""
+    hf = random_hf(7, n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=1024)
+    path = tmp_path_factory.mktemp("sample_model")
+    hf.save_pretrained(path)
+    return hf, load_model(path)
+
+
+def boost_eot(model, alpha: float):
+    """Raise the end-of-text logit by alpha: ln_f's bias gains a component along the (tied) eot row.
+    Module paths are the same in transformers' model and ours."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        w = model.transformer.wte.weight[EOT]
+        model.transformer.ln_f.bias += alpha * w / w.dot(w)
+    return model
+
+
+@pytest.fixture(scope="module")
+def eot_pair(pair) -> tuple[HFModel, GPT2LMHeadModel]:
+    """End-of-text drawn every few dozen steps (top-k 40, temperature 0.7): rows end at different steps."""
+    hf, ours = pair
+    return boost_eot(hf, 7.0), boost_eot(ours, 7.0)
+
+
+CTX = torch.randint(0, 50000, (10,), generator=torch.Generator().manual_seed(2)).tolist()
+
+
+def ours_sample(model, seed: int, length: int, batch_size: int, context=CTX, **kwargs) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return sample_sequence(model, length, context=context, batch_size=batch_size, **kwargs)
+
+
+def hf_sample(hf, seed: int, length: int, batch_size: int, context=CTX, **kwargs) -> torch.Tensor:
+    ids = torch.tensor([list(context)] * batch_size)
+    torch.manual_seed(seed)
+    return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=length, pad_token_id=EOT,
+                       eos_token_id=EOT, **kwargs)
+
+
+def assert_same_tokens(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    assert ours.dtype == theirs.dtype == torch.long
+    assert ours.shape == theirs.shape
+    if not torch.equal(ours, theirs):
+        row, col = (ours != theirs).nonzero()[0].tolist()
+        pytest.fail(f"first difference at row {row}, column {col}: {ours[row, col]} != {theirs[row, col]}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# token-identical to transformers' generate()
+
+
+@pytest.mark.parametrize("batch, length, kwargs, eot", [
+    (1, 256, dict(top_k=40, temperature=0.7), None),
+    (4, 256, dict(top_k=40, temperature=0.7), EOT),
+    (2, 128, dict(top_k=0, top_p=0.9, temperature=1.0), EOT),  # top-p sorts the vocabulary: fewer steps
+    (2, 128, dict(top_k=40, top_p=0.95, temperature=0.7), None),
+], ids=["b1-topk40-t0.7", "b4-topk40-t0.7-eot", "b2-topp0.9", "b2-topk40-topp0.95"])
+def test_sampling_matches_transformers_generate(pair, batch, length, kwargs, eot):
+    hf, ours = pair
+    mine = ours_sample(ours, 1234, length, batch, eot_token=eot, **kwargs)
+    theirs = hf_sample(hf, 1234, length, batch, do_sample=True, **kwargs)
+    assert mine.shape == (batch, len(CTX) + length)
+    assert (mine[:, : len(CTX)] == torch.tensor(CTX)).all()
+    if eot is None:  # transformers stops at eos; without eot_token we never do, so none may be drawn
+        assert not (mine == EOT).any()
+    assert len(set(mine[:, len(CTX) :].flatten().tolist())) > 20  # really sampled, not a fixed point
+    assert_same_tokens(mine, theirs)
+
+
+def test_end_of_text_stops_like_transformers(eot_pair):
+    hf, ours = eot_pair
+    mine = ours_sample(ours, 1, 256, 4, top_k=40, temperature=0.7, eot_token=EOT)
+    theirs = hf_sample(hf, 1, 256, 4, do_sample=True, top_k=40, temperature=0.7)
+    new = mine[:, len(CTX) :]
+    first = [int((row == EOT).nonzero()[0]) for row in new]  # every row ended...
+    assert new.shape[1] == max(first) + 1 < 256  # ...the batch stopped when the last one did...
+    assert min(first) < max(first)  # ...and rows that ended earlier were padded with eot
+    for row, f in zip(new, first):
+        assert (row[f:] == EOT).all()
+    assert_same_tokens(mine, theirs)
+
+
+@pytest.mark.parametrize("sample_flag", [True, False])
+def test_greedy_matches_transformers(pair, sample_flag):
+    hf, ours = pair
+    if sample_flag:
+        mine = ours_sample(ours, 0, 128, 2, temperature=0.0, eot_token=EOT)
+    else:  # graykode's switch: sample=False is greedy whatever the temperature
+        mine = ours_sample(ours, 0, 128, 2, temperature=0.7, top_k=40, sample=False, eot_token=EOT)
+    theirs = hf_sample(hf, 0, 128, 2, do_sample=False)
+    assert_same_tokens(mine, theirs)
+
+
+def test_unconditional_start_token_matches_transformers(pair):
+    hf, ours = pair
+    torch.manual_seed(5)
+    mine = sample_sequence(ours, 32, start_token=EOT, batch_size=3, top_k=40, temperature=0.7)
+    assert mine.shape == (3, 33)
+    assert (mine[:, 0] == EOT).all()
+    assert not torch.equal(mine[0], mine[1])  # each row is its own draw
+    theirs = hf_sample(hf, 5, 32, 3, context=[EOT], do_sample=True, top_k=40, temperature=0.7)
+    assert_same_tokens(mine, theirs)
+
+
+def test_start_token_and_context_are_exclusive(pair):
+    _, ours = pair
+    with pytest.raises(ValueError):
+        sample_sequence(ours, 4, start_token=EOT, context=[1, 2])
+    with pytest.raises(ValueError):
+        sample_sequence(ours, 4)
+
+
+def test_124m_shape_matches_transformers_within_30s(hf_124m, legacy_dir):
+    ours = load_model(legacy_dir)
+    ctx = torch.randint(0, VOCAB, (20,), generator=torch.Generator().manual_seed(3)).tolist()
+    # CPU time, not wall time: on one thread it is the work done, whatever else the machine is running
+    t0 = time.process_time()
+    mine = ours_sample(ours, 42, 256, 1, context=ctx, top_k=40, temperature=0.7, eot_token=EOT)
+    elapsed = time.process_time() - t0
+    theirs = hf_sample(hf_124m.eval(), 42, 256, 1, context=ctx, do_sample=True, top_k=40, temperature=0.7)
+    assert_same_tokens(mine, theirs)
+    assert mine.shape == (1, 20 + 256)
+    assert elapsed < 30, f"256 tokens at 124M took {elapsed:.1f} s of CPU time"
+
+
+# ---------------------------------------------------------------------------------------------------
+# generate(): prompts of different lengths, end-of-text, the context window
+
+
+def greedy(model, prompts, steps, **kwargs) -> torch.Tensor:
+    return torch.stack(list(generate(model, prompts, steps, temperature=0.0, **kwargs)), dim=1)  # (B, steps)
+
+
+def test_mixed_length_prompts_continue_as_if_alone(pair):
+    hf, ours = pair
+    gen = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(0, 50000, (n,), generator=gen).tolist() for n in (3, 7, 12)]
+    batched = greedy(ours, prompts, 30)
+    assert batched.shape == (3, 30)
+    for row, prompt in enumerate(prompts):
+        alone = greedy(ours, [prompt], 30)
+        assert torch.equal(batched[row], alone[0]), f"row {row} (prompt length {len(prompt)})"
+        theirs = hf_sample(hf, 0, 30, 1, context=prompt, do_sample=False)
+        if row == 0:  # and alone is transformers' greedy continuation
+            assert_same_tokens(torch.cat([torch.tensor([prompt]), alone], dim=1), theirs)
+    assert len({tuple(r) for r in batched.tolist()}) == 3
+
+
+def test_batch_may_run_past_the_window_of_its_longest_prompt(pair):
+    """Slots are not positions: a 4-token prompt beside a 1020-token one still gets its 12 tokens, and
+    the long row is right for as long as it stays inside the 1024-token window."""
+    _, ours = pair
+    gen = torch.Generator().manual_seed(9)
+    long, short = (torch.randint(0, 50000, (n,), generator=gen).tolist() for n in (1020, 4))
+    batched = greedy(ours, [long, short], 12)
+    assert torch.equal(batched[1], greedy(ours, [short], 12)[0])
+    assert torch.equal(batched[0, :5], greedy(ours, [long], 5)[0])  # positions 1019..1023
+
+
+@pytest.fixture(scope="module")
+def forced_eot(pair) -> GPT2LMHeadModel:
+    """Every next-token distribution peaks at end-of-text: ln_f's output is a constant along its row."""
+    _, ours = pair
+    model = copy.deepcopy(ours)
+    with torch.no_grad():
+        model.transformer.wte.weight[EOT] *= 2  # longest row: its own dot product is the largest
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(3 * model.transformer.wte.weight[EOT])
+    return model
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_batch_stops_once_every_row_has_ended(forced_eot, temperature):
+    steps = list(generate(forced_eot, [[1, 2, 3], [4], [5, 6]], 10, temperature=temperature, eot_token=EOT))
+    assert len(steps) == 1
+    assert steps[0].tolist() == [EOT] * 3
+    out = sample_sequence(forced_eot, 10, context=[1, 2, 3], batch_size=2, temperature=temperature, eot_token=EOT)
+    assert out.tolist() == [[1, 2, 3, EOT]] * 2
+
+
+def test_without_eot_token_generation_runs_its_length(forced_eot):
+    steps = greedy(forced_eot, [[1, 2, 3], [4]], 10)
+    assert steps.tolist() == [[EOT] * 10] * 2
+
+
+def test_finished_rows_keep_yielding_eot(eot_pair):
+    _, ours = eot_pair
+    torch.manual_seed(11)
+    steps = torch.stack(list(generate(ours, [CTX[:4], CTX, CTX[:7]], 256, 0.7, 40, 1.0, EOT)), dim=1)
+    ended = [int((row == EOT).nonzero()[0]) for row in steps]
+    assert steps.shape[1] == max(ended) + 1 < 256
+    assert min(ended) < max(ended)
+    for row, first in zip(steps, ended):
+        assert (row[first:] == EOT).all()
+
+
+def test_generate_rejects_empty_prompts_and_yields_nothing_for_zero_tokens(pair):
+    _, ours = pair
+    with pytest.raises(ValueError):
+        list(generate(ours, [[1, 2], []], 4))
+    with pytest.raises(ValueError):
+        list(generate(ours, [], 4))
+    assert list(generate(ours, [[1, 2]], 0)) == []
+    assert all(block.attn.kv_cache is None for block in ours.transformer.h)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the filters and the draw
+
+
+def test_top_k_zero_or_wider_than_the_vocabulary_keeps_all():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(top_k_logits(logits, 0), logits)
+    assert torch.equal(top_k_logits(logits, 50), logits)
+    assert torch.equal(top_k_logits(logits, 1000), logits)
+
+
+def test_top_k_keeps_ties_and_cuts_each_row_at_its_own_kth():
+    logits = torch.tensor([
+        [1.0, 3.0, 3.0, 2.0],
+        [40.0, 30.0, 20.0, 10.0],
+        [0.0, 0.0, 5.0, 0.0],
+    ])
+    inf = NEG_INF
+    assert top_k_logits(logits[:1], 1).tolist() == [[inf, 3.0, 3.0, inf]]
+    assert top_k_logits(logits, 2).tolist() == [
+        [inf, 3.0, 3.0, inf],
+        [40.0, 30.0, inf, inf],
+        [0.0, 0.0, 5.0, 0.0],  # the 2nd largest is 0: every 0 ties with it
+    ]
+    assert top_k_logits(logits, 3).tolist() == [
+        [inf, 3.0, 3.0, 2.0],
+        [40.0, 30.0, 20.0, inf],
+        [0.0, 0.0, 5.0, 0.0],
+    ]
+
+
+@pytest.mark.parametrize("k", [1, 7, 40])
+def test_top_k_equals_transformers_warper(k):
+    logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(k))
+    expected = TopKLogitsWarper(top_k=k)(torch.zeros(4, 1, dtype=torch.long), logits.clone())
+    assert torch.equal(top_k_logits(logits, k), expected)
+    assert (top_k_logits(logits, k) > NEG_INF).sum(dim=1).tolist() == [k] * 4
+
+
+def test_top_p_hand_computed():
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])  # sorted: 0.5, 0.3, 0.15, 0.05
+    logits = probs.log()
+    kept = lambda p: (top_p_logits(logits, p) > NEG_INF).tolist()[0]  # noqa: E731
+    assert kept(0.8) == [False, True, False, True]  # 0.5 + 0.3 reaches 0.8
+    assert kept(0.81) == [True, True, False, True]
+    assert kept(0.45) == [False, True, False, False]
+    assert kept(0.96) == [True, True, True, True]
+    assert kept(1.0) == [True, True, True, True]
+    assert kept(1e-9) == [False, True, False, False]  # the top token always stays
+    out = top_p_logits(logits, 0.8)
+    assert torch.equal(out[out > NEG_INF], logits[out > NEG_INF])  # kept logits are untouched
+
+
+def test_top_p_cuts_each_row_on_its_own():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]).log()
+    assert (top_p_logits(logits, 0.6) > NEG_INF).tolist() == [[True, True, False, False], [False, False, True, True]]
+    flat = torch.zeros(1, 10)  # uniform: 0.85 needs 9 of the 10
+    assert int((top_p_logits(flat, 0.85) > NEG_INF).sum()) == 9
+
+
+@pytest.mark.parametrize("p", [0.3, 0.9, 0.95])
+def test_top_p_equals_transformers_warper(p):
+    logits = 2 * torch.randn(4, 1000, generator=torch.Generator().manual_seed(int(p * 100)))
+    expected = TopPLogitsWarper(top_p=p)(torch.zeros(4, 1, dtype=torch.long), logits.clone())
+    assert torch.equal(top_p_logits(logits, p), expected)
+
+
+def test_next_token_greedy_and_degenerate_draws():
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(1))
+    argmax = logits.argmax(dim=-1)
+    token = next_token(logits, temperature=0.0)
+    assert token.shape == (5,) and token.dtype == torch.long
+    assert torch.equal(token, argmax)
+    assert torch.equal(next_token(logits.to(torch.bfloat16), temperature=0.0), logits.to(torch.bfloat16).argmax(-1))
+    torch.manual_seed(0)
+    for _ in range(5):  # top-k 1 and a tiny top-p leave one token to draw
+        assert torch.equal(next_token(logits, temperature=1.3, top_k=1), argmax)
+        assert torch.equal(next_token(logits, temperature=0.7, top_p=1e-6), argmax)
+
+
+def test_next_token_draws_from_the_filtered_distribution():
+    """The draw is the multinomial of softmax(top_p(top_k(logits / t))), from the global generator."""
+    logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(2))
+    scores = TopPLogitsWarper(top_p=0.9)(None, TopKLogitsWarper(top_k=40)(None, logits / 0.7))
+    torch.manual_seed(3)
+    expected = torch.multinomial(scores.softmax(dim=-1), num_samples=1).squeeze(1)
+    torch.manual_seed(3)
+    assert torch.equal(next_token(logits, temperature=0.7, top_k=40, top_p=0.9), expected)
+    allowed = top_k_logits(logits, 40) > NEG_INF
+    torch.manual_seed(4)
+    for _ in range(20):
+        token = next_token(logits, temperature=0.7, top_k=40)
+        assert allowed.gather(1, token.unsqueeze(1)).all()
