@@ -284,10 +284,19 @@ def generate_batch(model, enc, jobs: list[Job], args: argparse.Namespace, out: O
         job.text, job.started = SampleText(enc, args.stop), start
     if streaming:
         out.sample_start(jobs[0])
-    steps = generate(model, [job.prompt.context for job in jobs], max(job.prompt.length for job in jobs),
-                     args.temperature, args.top_k, args.top_p, eot_token=enc.eot_token)
+    length = max(job.prompt.length for job in jobs)
+    steps = generate(model, [job.prompt.context for job in jobs], length, args.temperature, args.top_k, args.top_p,
+                     eot_token=enc.eot_token)
+    progress = None
+    # A bar for people watching a terminal, but not over text streaming to that same terminal.
+    if not args.quiet and sys.stderr.isatty() and not (streaming and sys.stdout.isatty()):
+        from tqdm import tqdm
+
+        progress = tqdm(total=length, unit="tok", leave=False, file=sys.stderr)
     for step, tokens in enumerate(steps):
         stats.token(len(jobs))
+        if progress is not None:
+            progress.update()
         for job, token in zip(jobs, tokens.tolist()):
             if job.text.done:
                 continue
@@ -301,10 +310,9 @@ def generate_batch(model, enc, jobs: list[Job], args: argparse.Namespace, out: O
         if all(job.text.done for job in jobs):
             steps.close()
             break
+    if progress is not None:
+        progress.close()
     for job in jobs:
-        if not job.text.done:  # generate() stopped early: every row reached end-of-text
-            job.text.finish("eot")
-            job.finished = time.perf_counter()
         if not streaming:
             out.sample_start(job)
             out.sample_text(job.text.text)

@@ -8,10 +8,11 @@ The format is read from the file's first bytes, never guessed from its name.
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -48,7 +49,58 @@ def find_weight_file(path: Path) -> Path:
     return path
 
 
-def read_state_dict(path: Path) -> dict[str, Tensor]:
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+class SafetensorsFile(Mapping[str, Tensor]):
+    """The tensors of a .safetensors file, each read from disk when it is asked for.
+
+    safetensors validates the header (dtypes, shapes, offsets inside the file) when the file is opened;
+    each tensor is then read straight into its own buffer, not through a memory map, so converting the
+    tensors one at a time (transpose, cast) never holds two copies of the weights in memory.
+    """
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt"):  # validation only: raises SafetensorError
+            pass
+        self._path = path
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        self._data_start = 8 + size
+        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for key, entry in header.items():
+            if entry["dtype"] not in _SAFETENSORS_DTYPES:
+                raise GPT2Error(f"{path}: tensor {key} has dtype {entry['dtype']}, not a float: not GPT-2 weights")
+            start, end = entry["data_offsets"]
+            self._entries[key] = (_SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), start, end)
+
+    def __getitem__(self, key: str) -> Tensor:
+        dtype, shape, start, end = self._entries[key]
+        buffer = bytearray(end - start)
+        with self._path.open("rb") as f:
+            f.seek(self._data_start + start)
+            f.readinto(buffer)
+        if not buffer:
+            return torch.empty(shape, dtype=dtype)
+        with warnings.catch_warnings():  # little-endian bytes, as safetensors specifies (and x86/ARM are)
+            warnings.simplefilter("ignore")
+            return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {key: entry[1] for key, entry in self._entries.items()}
+
+
+def read_state_dict(path: Path) -> Mapping[str, Tensor]:
     """Tensors of a .bin (zip or legacy torch format) or .safetensors file; never unpickles code."""
     from safetensors import SafetensorError
 
@@ -57,13 +109,10 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
         with path.open("rb") as f:
             head = f.read(9)
         if len(head) >= 9 and head[8:9] == b"{" and head[:4] != b"PK\x03\x04":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            with warnings.catch_warnings():  # torch warns about some refused pickles: the error says it all
-                warnings.simplefilter("ignore")
-                state = _torch_load(path, zipped=head[:4] == b"PK\x03\x04")
+            return SafetensorsFile(path)
+        with warnings.catch_warnings():  # torch warns about some refused pickles: the error says it all
+            warnings.simplefilter("ignore")
+            state = _torch_load(path, zipped=head[:4] == b"PK\x03\x04")
     except pickle.UnpicklingError as exc:
         raise GPT2Error(f"{path}: refused to load: it holds more than plain tensors, or is corrupt "
                         f"({_first_line(exc)}); use a checkpoint from a trusted source") from exc
@@ -87,6 +136,11 @@ def _torch_load(path: Path, zipped: bool) -> object:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
 
 
+def _all_finite(tensor: Tensor, chunk: int = 1 << 20) -> bool:
+    """No NaN or infinity; in chunks, as isfinite on a whole embedding would allocate twice its size."""
+    return all(bool(torch.isfinite(part).all()) for part in tensor.reshape(-1).split(chunk))
+
+
 def _first_line(exc: BaseException) -> str:
     """The first line of an exception's message, without terminal escape codes, at most 200 characters."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
@@ -107,7 +161,8 @@ def canonical_key(key: str) -> str | None:
 
 def shape_sizes(state: Mapping[str, Tensor], source: str = "checkpoint") -> dict[str, int]:
     """vocab_size, n_positions, n_embd and n_layer read off tensor shapes."""
-    shapes = {canonical_key(k): tuple(v.shape) for k, v in state.items()}
+    shapes = state.shapes() if isinstance(state, SafetensorsFile) else {k: tuple(v.shape) for k, v in state.items()}
+    shapes = {canonical_key(k): shape for k, shape in shapes.items()}
     wte, wpe = shapes.get("transformer.wte.weight"), shapes.get("transformer.wpe.weight")
     if wte is None or wpe is None or len(wte) != 2 or len(wpe) != 2:
         raise GPT2Error(f"{source}: has no 2-D wte/wpe embeddings: this is not a GPT-2 checkpoint")
@@ -141,10 +196,11 @@ def convert_state_dict(state: Mapping[str, Tensor], expected: Mapping[str, torch
     """Rename, transpose Conv1D weights and cast; raise naming any missing, unexpected or mis-shaped key."""
     out: dict[str, Tensor] = {}
     unexpected, misshaped, seen = [], [], set()
-    for key, tensor in state.items():
+    for key in state:
         name = canonical_key(key)
         if name is None:
             continue
+        tensor = state[key]
         if name not in expected or not tensor.is_floating_point():
             unexpected.append(key)
             continue
@@ -154,9 +210,9 @@ def convert_state_dict(state: Mapping[str, Tensor], expected: Mapping[str, torch
         if tensor.shape != expected[name]:
             misshaped.append(f"{key} {tuple(tensor.shape)} (expected {tuple(expected[name])})")
             continue
-        if not bool(torch.isfinite(tensor).all()):
+        if not _all_finite(tensor):
             raise GPT2Error(f"{source}: tensor {key} holds NaN or infinite values; the checkpoint is damaged")
-        out[name] = tensor.to(dtype=dtype or tensor.dtype, memory_format=torch.contiguous_format)
+        out[name] = tensor.to(dtype=dtype or tensor.dtype).contiguous()
     missing = sorted(set(expected) - seen)
     problems = [f"{label}: {_listing(items)}" for label, items in
                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)) if items]
