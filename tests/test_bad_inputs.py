@@ -25,13 +25,12 @@ import shutil
 import struct
 import subprocess
 import sys
-import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_main, tiny_legacy_state
 
 import main
 
@@ -45,29 +44,6 @@ SEP = "=" * 40
 
 # ---------------------------------------------------------------------------------------------------
 # the tiny model
-
-
-def tiny_state(vocab: int = VOCAB, n_embd: int = N_EMBD, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random one-layer GPT-2 in graykode's layout: no key prefix, Conv1D weights (in, out), mask buffers."""
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * 0.02
-
-    e = n_embd
-    state = {"wte.weight": randn(vocab, e), "wpe.weight": randn(N_CTX, e)}
-    p = "h.0."
-    state.update({
-        p + "ln_1.weight": torch.ones(e), p + "ln_1.bias": torch.zeros(e),
-        p + "attn.bias": torch.tril(torch.ones(N_CTX, N_CTX)).view(1, 1, N_CTX, N_CTX),
-        p + "attn.c_attn.weight": randn(e, 3 * e), p + "attn.c_attn.bias": torch.zeros(3 * e),
-        p + "attn.c_proj.weight": randn(e, e), p + "attn.c_proj.bias": torch.zeros(e),
-        p + "ln_2.weight": torch.ones(e), p + "ln_2.bias": torch.zeros(e),
-        p + "mlp.c_fc.weight": randn(e, 4 * e), p + "mlp.c_fc.bias": torch.zeros(4 * e),
-        p + "mlp.c_proj.weight": randn(4 * e, e), p + "mlp.c_proj.bias": torch.zeros(e),
-        "ln_f.weight": torch.ones(e), "ln_f.bias": torch.zeros(e),
-    })
-    return state
 
 
 def torch_bytes(obj: object, zip_format: bool = False) -> bytes:
@@ -91,7 +67,7 @@ class Tiny:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory, vocab_dir: Path) -> Tiny:
     directory = tmp_path_factory.mktemp("tiny")
-    state = tiny_state()
+    state = tiny_legacy_state(VOCAB, N_EMBD, N_CTX)
     (directory / LEGACY).write_bytes(torch_bytes(state))
     (directory / "config.json").write_text(json.dumps(CONFIG))
     for name in ("encoder.json", "vocab.bpe"):
@@ -109,54 +85,7 @@ def one_thread():
 
 
 # ---------------------------------------------------------------------------------------------------
-# running main.main in-process
-
-
-@dataclasses.dataclass
-class Result:
-    code: int
-    stdout: bytes
-    stderr: str  # including any warning, formatted as Python would print it
-    seconds: float
-
-
-class FakeStdin:
-    """A piped (not a terminal) stdin holding `data`."""
-
-    def __init__(self, data: bytes) -> None:
-        self.buffer = io.BytesIO(data)
-
-    def isatty(self) -> bool:
-        return False
-
-    def read(self, *args: int) -> str:
-        return self.buffer.read(*args).decode("utf-8", "replace")
-
-    def readline(self, *args: int) -> str:
-        return self.buffer.readline(*args).decode("utf-8", "replace")
-
-
-def run_main(argv: list[str], stdin: bytes = b"") -> Result:
-    """main.main(argv) with its own stdin/stdout/stderr; an exception other than SystemExit propagates
-    (that is the traceback a user would see)."""
-    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True)
-    err = io.StringIO()
-    saved = sys.stdin, sys.stdout, sys.stderr
-    sys.stdin, sys.stdout, sys.stderr = FakeStdin(stdin), out, err
-    start = time.perf_counter()
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
-                warnings.simplefilter("ignore", category)  # hidden by Python's default filters too
-            try:
-                code = main.main(argv)
-            except SystemExit as exc:
-                code = exc.code
-    finally:
-        sys.stdin, sys.stdout, sys.stderr = saved
-    shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line) for w in caught)
-    return Result(code, out.buffer.getvalue(), shown + err.getvalue(), time.perf_counter() - start)
+# guards for running main.main in-process (conftest.run_main)
 
 
 class GuardTripped(Exception):
@@ -441,7 +370,7 @@ CASES = [
       setup=model_dir(config=config(n_layer=10**9))),
     C("checkpoint-key-h.999999999", D, 1, "h.999999999",
       setup=model_dir(config=None, weights=state_of(lambda t: {  # 64 wide: n_head is inferred without a config
-          **tiny_state(n_embd=64), "h.999999999.ln_1.weight": torch.ones(64)}))),
+          **tiny_legacy_state(VOCAB, 64, N_CTX), "h.999999999.ln_1.weight": torch.ones(64)}))),
     C("encoder.json-missing", D, 1, "has no vocabulary", setup=model_dir(encoder=None)),
     C("encoder.json-bad-json", D, 1, "is not GPT-2's vocabulary", setup=model_dir(encoder=b'{"!": 0,')),
     C("encoder.json-one-id-changed", D, 1, "encoder.json is not GPT-2's vocabulary",

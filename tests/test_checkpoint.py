@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import random_hf_model
 from safetensors.torch import save_file
-from transformers import GPT2Config as HFConfig
 from transformers import GPT2LMHeadModel as HFModel
 
 from gpt2.checkpoint import infer_config, load_model, load_weight, read_state_dict
@@ -42,30 +42,9 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def random_hf(seed: int, **config) -> HFModel:
-    """A transformers GPT-2 with every tensor drawn at random: LayerNorm gains and biases away from 1 / 0
-    (transformers' init leaves them there, which would hide a swapped or dropped LayerNorm)."""
-    torch.manual_seed(seed)
-    hf = HFModel(HFConfig(**config)).eval()
-    gen = torch.Generator().manual_seed(seed)
-    n_embd = hf.config.n_embd
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith(("wte.weight", "wpe.weight")):
-                p.copy_(2 * noise / n_embd**0.5)
-            elif ".ln_" in name and name.endswith(".weight"):
-                p.copy_(1 + 0.2 * noise)
-            elif name.endswith(".bias"):
-                p.copy_(0.1 * noise)
-            else:
-                p.copy_(noise / p.shape[0] ** 0.5)
-    return hf
-
-
 @pytest.fixture(scope="module")
 def hf() -> HFModel:
-    return random_hf(3, **SHAPE)
+    return random_hf_model(3, **SHAPE)
 
 
 @pytest.fixture(scope="module")
@@ -160,22 +139,26 @@ def save_safetensors(state, path):
     save_file({k: v.clone().contiguous() for k, v in state.items()}, str(path))
 
 
+def prefix_and_head_variants(fmt: str, save: Callable, name: str) -> dict[str, tuple[Callable, Callable, str]]:
+    """transformers' state dict written by `save` to `name`: as is, and without the `transformer.` prefix, the
+    lm_head, or both."""
+    return {
+        fmt: (as_is, save, name),
+        f"{fmt}-no-prefix": (strip_prefix, save, name),
+        f"{fmt}-no-lm-head": (drop_lm_head, save, name),
+        f"{fmt}-no-prefix-no-lm-head": (lambda s: strip_prefix(drop_lm_head(s)), save, name),
+    }
+
+
 FORMATS: dict[str, tuple[Callable, Callable, str]] = {
     "legacy-old-torch-format": (legacy, save_torch_old, "gpt2-pytorch_model.bin"),
     "legacy-zip": (legacy, save_torch_zip, "gpt2-pytorch_model.bin"),
-    "hf-bin": (as_is, save_torch_zip, "pytorch_model.bin"),
-    "hf-bin-no-prefix": (strip_prefix, save_torch_zip, "pytorch_model.bin"),
-    "hf-bin-no-lm-head": (drop_lm_head, save_torch_zip, "pytorch_model.bin"),
-    "hf-bin-no-prefix-no-lm-head": (lambda s: strip_prefix(drop_lm_head(s)), save_torch_zip, "pytorch_model.bin"),
+    **prefix_and_head_variants("hf-bin", save_torch_zip, "pytorch_model.bin"),
     "hf-bin-mask-buffers": (with_mask_buffers, save_torch_zip, "pytorch_model.bin"),
     "hf-bin-mask-buffers-no-prefix": (lambda s: strip_prefix(with_mask_buffers(s)), save_torch_zip,
                                       "pytorch_model.bin"),
     "hf-bin-old-torch-format": (as_is, save_torch_old, "pytorch_model.bin"),
-    "safetensors": (as_is, save_safetensors, "model.safetensors"),
-    "safetensors-no-prefix": (strip_prefix, save_safetensors, "model.safetensors"),
-    "safetensors-no-lm-head": (drop_lm_head, save_safetensors, "model.safetensors"),
-    "safetensors-no-prefix-no-lm-head": (lambda s: strip_prefix(drop_lm_head(s)), save_safetensors,
-                                         "model.safetensors"),
+    **prefix_and_head_variants("safetensors", save_safetensors, "model.safetensors"),
     "tf-port-names": (tf_names, save_torch_zip, "gpt2-pytorch_model.bin"),
     "tf-port-names-old-torch-format": (tf_names, save_torch_old, "gpt2-pytorch_model.bin"),
     # the format is read from the content, not the name
@@ -230,7 +213,7 @@ def test_fp16_tensors_are_cast_to_float32(save, hf, hf_state, ids, tmp_path):
 def test_model_directory_with_config_json(ids, tmp_path):
     """save_pretrained's directory: model.safetensors + config.json, here with n_head 4 for n_embd 64,
     which shapes alone cannot tell (infer_config would take one 64-wide head)."""
-    hf = random_hf(8, n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=64)
+    hf = random_hf_model(8, n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=64)
     hf.save_pretrained(tmp_path)
     assert {"config.json", "model.safetensors"} <= {p.name for p in tmp_path.iterdir()}
     with torch.inference_mode():
@@ -294,7 +277,7 @@ def test_infer_config_at_other_widths(n_embd, n_head):
 
 
 def test_width_without_a_head_count_needs_config_json(tmp_path):
-    hf = random_hf(9, n_layer=1, n_embd=96, n_head=3, vocab_size=100, n_positions=16)
+    hf = random_hf_model(9, n_layer=1, n_embd=96, n_head=3, vocab_size=100, n_positions=16)
     save_safetensors(hf.state_dict(), tmp_path / "model.safetensors")
     with pytest.raises(GPT2Error, match="config.json"):
         load_model(tmp_path)

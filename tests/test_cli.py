@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_fails
 
 from gpt2.checkpoint import load_model
 from gpt2.encoder import Encoder, get_encoder
@@ -48,48 +49,9 @@ def separator(n: int) -> str:
 # fixtures
 
 
-def _write_legacy_checkpoint(directory: Path, vocab_dir: Path) -> Path:
-    """A random 124M GPT-2 in graykode's layout: legacy (non-zip) torch file, no key prefix, Conv1D
-    weights as (in, out), causal-mask buffers; the vocabulary beside it. Only used when conftest.py
-    provides no `legacy_dir`."""
-    g = torch.Generator().manual_seed(0)
-    n_embd, n_layer, n_ctx, vocab = 768, 12, 1024, 50257
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * 0.02
-
-    state = {"wte.weight": randn(vocab, n_embd), "wpe.weight": randn(n_ctx, n_embd) / 2}
-    mask = torch.tril(torch.ones(n_ctx, n_ctx)).view(1, 1, n_ctx, n_ctx)
-    for i in range(n_layer):
-        p = f"h.{i}."
-        state.update({
-            p + "ln_1.weight": torch.ones(n_embd), p + "ln_1.bias": torch.zeros(n_embd),
-            p + "attn.bias": mask,
-            p + "attn.c_attn.weight": randn(n_embd, 3 * n_embd), p + "attn.c_attn.bias": torch.zeros(3 * n_embd),
-            p + "attn.c_proj.weight": randn(n_embd, n_embd), p + "attn.c_proj.bias": torch.zeros(n_embd),
-            p + "ln_2.weight": torch.ones(n_embd), p + "ln_2.bias": torch.zeros(n_embd),
-            p + "mlp.c_fc.weight": randn(n_embd, 4 * n_embd), p + "mlp.c_fc.bias": torch.zeros(4 * n_embd),
-            p + "mlp.c_proj.weight": randn(4 * n_embd, n_embd), p + "mlp.c_proj.bias": torch.zeros(n_embd),
-        })
-    state.update({"ln_f.weight": torch.ones(n_embd), "ln_f.bias": torch.zeros(n_embd)})
-    torch.save(state, directory / WEIGHTS, _use_new_zipfile_serialization=False)
-    for name in ("encoder.json", "vocab.bpe"):
-        os.symlink(vocab_dir / name, directory / name)
-    return directory
-
-
 @pytest.fixture(scope="session")
-def ckpt_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, vocab_dir: Path) -> Path:
-    """conftest.py's `legacy_dir` (the legacy checkpoint with the vocabulary beside it)."""
-    try:
-        return Path(request.getfixturevalue("legacy_dir"))
-    except pytest.FixtureLookupError:
-        return _write_legacy_checkpoint(tmp_path_factory.mktemp("legacy"), vocab_dir)
-
-
-@pytest.fixture(scope="session")
-def weights(ckpt_dir: Path) -> Path:
-    return ckpt_dir / WEIGHTS
+def weights(legacy_dir: Path) -> Path:
+    return legacy_dir / WEIGHTS
 
 
 @dataclass
@@ -128,8 +90,8 @@ class Library:
 
 
 @pytest.fixture(scope="session")
-def lib(ckpt_dir: Path) -> Library:
-    return Library(load_model(ckpt_dir / WEIGHTS), get_encoder(ckpt_dir))
+def lib(legacy_dir: Path) -> Library:
+    return Library(load_model(legacy_dir / WEIGHTS), get_encoder(legacy_dir))
 
 
 @pytest.fixture(scope="session")
@@ -230,9 +192,9 @@ def test_greedy_ignores_seed(cli, weights: Path, lib: Library) -> None:
     assert first == quiet_output(lib.samples(123, PROMPT, 8, temperature=0))
 
 
-def test_graykode_layout_in_working_directory(cli, ckpt_dir: Path, seed1_quiet) -> None:
+def test_graykode_layout_in_working_directory(cli, legacy_dir: Path, seed1_quiet) -> None:
     # no --model: ./gpt2-pytorch_model.bin and the vocabulary beside it, as `python main.py` in graykode's repo
-    out = ok(cli("--text", PROMPT, "--seed", "1", "--quiet", "--length", "16", cwd=ckpt_dir))
+    out = ok(cli("--text", PROMPT, "--seed", "1", "--quiet", "--length", "16", cwd=legacy_dir))
     assert out == ok(seed1_quiet)
 
 
@@ -276,18 +238,6 @@ def test_default_length_shrinks_to_fit_a_long_prompt(cli, weights: Path, lib: Li
 # bad input: one line on stderr naming the problem, no traceback, nothing on stdout
 
 
-def assert_fails(proc: subprocess.CompletedProcess, code: int, *phrases: str) -> str:
-    err = proc.stderr.decode("utf-8", "replace")
-    assert proc.returncode == code, err
-    assert proc.stdout == b""
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    for phrase in phrases:
-        assert phrase in lines[0], lines[0]
-    return lines[0]
-
-
 @pytest.mark.parametrize(
     "args, phrase",
     [
@@ -324,38 +274,38 @@ def test_missing_checkpoint(cli, tmp_path: Path) -> None:
     assert_fails(cli("--model", str(missing), "--text", "Hello"), 1, str(missing), "no such checkpoint")
 
 
-def _model_dir(tmp_path: Path, ckpt_dir: Path, *, weights: bytes | None = None, vocab: tuple[str, ...] = (),
+def _model_dir(tmp_path: Path, legacy_dir: Path, *, weights: bytes | None = None, vocab: tuple[str, ...] = (),
                encoder_json: bytes | None = None) -> Path:
     """A model directory: the real weights (linked) or `weights`, the named vocabulary files (linked),
     and optionally a replacement encoder.json."""
     directory = tmp_path / "model"
     directory.mkdir()
     if weights is None:
-        os.symlink(ckpt_dir / WEIGHTS, directory / WEIGHTS)
+        os.symlink(legacy_dir / WEIGHTS, directory / WEIGHTS)
     else:
         (directory / WEIGHTS).write_bytes(weights)
     for name in vocab:
-        os.symlink(ckpt_dir / name, directory / name)
+        os.symlink(legacy_dir / name, directory / name)
     if encoder_json is not None:
         (directory / "encoder.json").write_bytes(encoder_json)
     return directory
 
 
-def test_corrupt_checkpoint(cli, ckpt_dir: Path, tmp_path: Path) -> None:
+def test_corrupt_checkpoint(cli, legacy_dir: Path, tmp_path: Path) -> None:
     junk = random.Random(0).randbytes(1 << 16)
-    directory = _model_dir(tmp_path, ckpt_dir, weights=junk, vocab=("encoder.json", "vocab.bpe"))
+    directory = _model_dir(tmp_path, legacy_dir, weights=junk, vocab=("encoder.json", "vocab.bpe"))
     line = assert_fails(cli("--model", str(directory / WEIGHTS), "--text", "Hello"), 1, str(directory / WEIGHTS))
     assert "corrupt" in line
 
 
-def test_checkpoint_without_vocabulary(cli, ckpt_dir: Path, tmp_path: Path) -> None:
-    directory = _model_dir(tmp_path, ckpt_dir)
+def test_checkpoint_without_vocabulary(cli, legacy_dir: Path, tmp_path: Path) -> None:
+    directory = _model_dir(tmp_path, legacy_dir)
     line = assert_fails(cli("--model", str(directory / WEIGHTS), "--text", "Hello"), 1, str(directory))
     assert "vocabulary" in line
 
 
-def test_corrupt_encoder_json(cli, ckpt_dir: Path, tmp_path: Path) -> None:
-    directory = _model_dir(tmp_path, ckpt_dir, vocab=("vocab.bpe",), encoder_json=b'{"not": "the vocabulary"')
+def test_corrupt_encoder_json(cli, legacy_dir: Path, tmp_path: Path) -> None:
+    directory = _model_dir(tmp_path, legacy_dir, vocab=("vocab.bpe",), encoder_json=b'{"not": "the vocabulary"')
     line = assert_fails(cli("--model", str(directory / WEIGHTS), "--text", "Hello"), 1,
                         str(directory / "encoder.json"))
     assert "vocabulary" in line

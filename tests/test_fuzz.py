@@ -16,17 +16,15 @@ Known product bugs are kept out of the generated inputs (each is a strict xfail 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import io
 import json
 import shutil
-import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import Result, tiny_legacy_state
+from conftest import run_main as run_main_in_process
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
@@ -38,26 +36,6 @@ LEGACY = "gpt2-pytorch_model.bin"
 
 # ---------------------------------------------------------------------------------------------------
 # fixtures: the tiny model, the encoder, an in-process runner
-
-
-def tiny_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random one-layer GPT-2 in graykode's layout (no key prefix, Conv1D weights as (in, out))."""
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * 0.02
-
-    e, p = N_EMBD, "h.0."
-    return {
-        "wte.weight": randn(VOCAB, e), "wpe.weight": randn(N_CTX, e),
-        p + "ln_1.weight": torch.ones(e), p + "ln_1.bias": torch.zeros(e),
-        p + "attn.c_attn.weight": randn(e, 3 * e), p + "attn.c_attn.bias": torch.zeros(3 * e),
-        p + "attn.c_proj.weight": randn(e, e), p + "attn.c_proj.bias": torch.zeros(e),
-        p + "ln_2.weight": torch.ones(e), p + "ln_2.bias": torch.zeros(e),
-        p + "mlp.c_fc.weight": randn(e, 4 * e), p + "mlp.c_fc.bias": torch.zeros(4 * e),
-        p + "mlp.c_proj.weight": randn(4 * e, e), p + "mlp.c_proj.bias": torch.zeros(e),
-        "ln_f.weight": torch.ones(e), "ln_f.bias": torch.zeros(e),
-    }
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +58,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, vocab_dir: Path) -> Path:
     import gpt2.encoder
 
     directory = tmp_path_factory.mktemp("tiny")
-    torch.save(tiny_state(), directory / LEGACY, _use_new_zipfile_serialization=False)
+    state = tiny_legacy_state(VOCAB, N_EMBD, N_CTX, mask_buffers=False)  # no causal-mask buffers
+    torch.save(state, directory / LEGACY, _use_new_zipfile_serialization=False)
     (directory / "config.json").write_text(json.dumps(
         {"n_layer": 1, "n_embd": N_EMBD, "n_head": 2, "n_positions": N_CTX, "vocab_size": VOCAB}))
     for name in ("encoder.json", "vocab.bpe"):
@@ -107,40 +86,10 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, vocab_dir: Path) -> Path:
     torch.set_num_threads(threads)
 
 
-class FakeStdin:
-    def __init__(self, data: bytes) -> None:
-        self.buffer = io.BytesIO(data)
-
-    def isatty(self) -> bool:
-        return False
-
-
-@dataclasses.dataclass
-class Result:
-    code: int
-    stdout: bytes
-    stderr: str  # warnings included, as Python would print them
-
-
 def run_main(argv: list[str], stdin: bytes = b"") -> Result:
+    """conftest.run_main, with the job count reset for the guard."""
     JOBS["made"] = 0
-    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True)
-    err = io.StringIO()
-    saved = sys.stdin, sys.stdout, sys.stderr
-    sys.stdin, sys.stdout, sys.stderr = FakeStdin(stdin), out, err
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
-                warnings.simplefilter("ignore", category)
-            try:
-                code = main.main(argv)
-            except SystemExit as exc:
-                code = exc.code
-    finally:
-        sys.stdin, sys.stdout, sys.stderr = saved
-    shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line) for w in caught)
-    return Result(code, out.buffer.getvalue(), shown + err.getvalue())
+    return run_main_in_process(argv, stdin)
 
 
 def assert_contract(result: Result) -> None:

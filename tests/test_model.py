@@ -8,13 +8,12 @@ preset's head geometry at a small depth, and left-padded batches against the sam
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import GPT2Config as HFConfig
+from conftest import random_hf_model
 from transformers import GPT2LMHeadModel as HFModel
 
 from gpt2.checkpoint import load_model
@@ -31,74 +30,6 @@ VOCAB = 50257
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return (a.float() - b.float()).abs().max().item()
-
-
-def randomize(hf: HFModel, seed: int) -> HFModel:
-    """Replace transformers' init (LayerNorms exactly 1 / 0, weights of std 0.02, near-uniform attention)
-    by weights under which a misplaced, untransposed or swapped tensor changes the logits: LayerNorm gains
-    and biases away from 1 / 0, projections scaled so that attention is far from uniform, logits of std ~2."""
-    gen = torch.Generator().manual_seed(seed)
-    n_embd = hf.config.n_embd
-    with torch.no_grad():
-        for name, p in hf.named_parameters():  # the tied lm_head.weight is listed once, as wte
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith(("wte.weight", "wpe.weight")):
-                p.copy_(2 * noise / n_embd**0.5)
-            elif ".ln_" in name and name.endswith(".weight"):
-                p.copy_(1 + 0.2 * noise)
-            elif name.endswith(".bias"):
-                p.copy_(0.1 * noise)
-            else:  # Conv1D weights, stored (in_features, out_features)
-                p.copy_(noise / p.shape[0] ** 0.5)
-    return hf
-
-
-def random_hf(seed: int, **config) -> HFModel:
-    torch.manual_seed(seed)
-    return randomize(HFModel(HFConfig(**config)).eval(), seed)
-
-
-def legacy_state(hf: HFModel) -> dict[str, torch.Tensor]:
-    """graykode's gpt2-pytorch_model.bin layout: no `transformer.` prefix, no lm_head, a causal-mask
-    buffer h.N.attn.bias of shape (1, 1, n_positions, n_positions) in every block."""
-    n_pos = hf.config.n_positions
-    state = {}
-    for key, value in hf.state_dict().items():
-        if key == "lm_head.weight":
-            continue
-        key = key.removeprefix("transformer.")
-        state[key] = value
-        if key.endswith(".attn.c_attn.weight"):
-            state[key.replace("c_attn.weight", "bias")] = torch.tril(torch.ones(n_pos, n_pos)).view(1, 1, n_pos, n_pos)
-    return state
-
-
-def _conftest_has(name: str) -> bool:
-    try:
-        import conftest
-    except ImportError:
-        return False
-    return hasattr(conftest, name)
-
-
-# The 124M fixtures are session-scoped in conftest.py; local copies stand in while it lacks them.
-if not _conftest_has("hf_124m"):
-
-    @pytest.fixture(scope="session")
-    def hf_124m() -> HFModel:
-        torch.manual_seed(0)
-        return HFModel(HFConfig()).eval()  # transformers' defaults are the 124M shape
-
-
-if not _conftest_has("legacy_dir"):
-
-    @pytest.fixture(scope="session")
-    def legacy_dir(hf_124m: HFModel, vocab_dir: Path, tmp_path_factory) -> Path:
-        path = tmp_path_factory.mktemp("legacy_124m")
-        torch.save(legacy_state(hf_124m), path / "gpt2-pytorch_model.bin", _use_new_zipfile_serialization=False)
-        for name in ("encoder.json", "vocab.bpe"):
-            shutil.copy(vocab_dir / name, path / name)
-        return path
 
 
 @pytest.fixture
@@ -180,7 +111,7 @@ def test_124m_prefill_then_cached_decode_matches_full_forward(ours_124m, hf_124m
 def test_preset_head_geometry_matches_transformers(name, tmp_path):
     n_head = PRESETS[name]["n_head"]
     head_dim = PRESETS[name]["n_embd"] // n_head
-    hf = random_hf(5, n_layer=2, n_head=n_head, n_embd=n_head * head_dim, vocab_size=1000, n_positions=128)
+    hf = random_hf_model(5, n_layer=2, n_head=n_head, n_embd=n_head * head_dim, vocab_size=1000, n_positions=128)
     hf.save_pretrained(tmp_path)
     ours = load_model(tmp_path)
     assert (ours.config.n_head, ours.config.head_dim, ours.config.n_layer) == (n_head, head_dim, 2)
@@ -201,7 +132,7 @@ def test_preset_head_geometry_matches_transformers(name, tmp_path):
 
 @pytest.fixture(scope="module")
 def small_pair(tmp_path_factory) -> tuple[HFModel, GPT2LMHeadModel]:
-    hf = random_hf(11, n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=128)
+    hf = random_hf_model(11, n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=128)
     path = tmp_path_factory.mktemp("small_model")
     hf.save_pretrained(path)
     return hf, load_model(path)

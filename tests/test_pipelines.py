@@ -3,11 +3,11 @@ Shell pipelines and interactive use of main.py: prompt files and stdin, mixed-le
 --format jsonl, --stop, the interactive loop, --stats, SIGPIPE / SIGINT, and a real shell client
 (tests/shell_client.sh).
 
-main.py runs as a subprocess on a random-initialised 124M checkpoint (conftest's `legacy_dir`, or one
-written here in the same legacy layout when conftest has none). Its samples are arbitrary tokens, so
-expected text is never written down: every sample is compared with the library run in-process
-(gpt2.sample.generate, gpt2.encoder), or with another run of main.py. Each run costs a torch import and
-a checkpoint load, so runs are few, short, and shared between tests through session fixtures.
+main.py runs as a subprocess on a random-initialised 124M checkpoint in graykode's legacy layout (conftest's
+`legacy_dir`). Its samples are arbitrary tokens, so expected text is never written down: every sample is
+compared with the library run in-process (gpt2.sample.generate, gpt2.encoder), or with another run of main.py.
+Each run costs a torch import and a checkpoint load, so runs are few, short, and shared between tests through
+session fixtures.
 The in-process SampleText property test covers what random weights rarely produce: characters split over
 several tokens, and stop strings split over tokens.
 """
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_fails
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -67,46 +68,9 @@ STREAM_SEED, STREAM_LENGTH = 5, 60
 # fixtures and helpers
 
 
-def _write_legacy_checkpoint(directory: Path, vocab_dir: Path) -> Path:
-    """A random 124M GPT-2 in graykode's legacy layout, vocabulary beside it (only when conftest.py has no
-    `legacy_dir`)."""
-    g = torch.Generator().manual_seed(0)
-    n_embd, n_layer, n_ctx, vocab = 768, 12, 1024, 50257
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * 0.02
-
-    state = {"wte.weight": randn(vocab, n_embd), "wpe.weight": randn(n_ctx, n_embd) / 2}
-    mask = torch.tril(torch.ones(n_ctx, n_ctx)).view(1, 1, n_ctx, n_ctx)
-    for i in range(n_layer):
-        p = f"h.{i}."
-        state.update({
-            p + "ln_1.weight": torch.ones(n_embd), p + "ln_1.bias": torch.zeros(n_embd),
-            p + "attn.bias": mask,
-            p + "attn.c_attn.weight": randn(n_embd, 3 * n_embd), p + "attn.c_attn.bias": torch.zeros(3 * n_embd),
-            p + "attn.c_proj.weight": randn(n_embd, n_embd), p + "attn.c_proj.bias": torch.zeros(n_embd),
-            p + "ln_2.weight": torch.ones(n_embd), p + "ln_2.bias": torch.zeros(n_embd),
-            p + "mlp.c_fc.weight": randn(n_embd, 4 * n_embd), p + "mlp.c_fc.bias": torch.zeros(4 * n_embd),
-            p + "mlp.c_proj.weight": randn(4 * n_embd, n_embd), p + "mlp.c_proj.bias": torch.zeros(n_embd),
-        })
-    state.update({"ln_f.weight": torch.ones(n_embd), "ln_f.bias": torch.zeros(n_embd)})
-    torch.save(state, directory / WEIGHTS, _use_new_zipfile_serialization=False)
-    for name in ("encoder.json", "vocab.bpe"):
-        os.symlink(vocab_dir / name, directory / name)
-    return directory
-
-
 @pytest.fixture(scope="session")
-def ckpt_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, vocab_dir: Path) -> Path:
-    try:
-        return Path(request.getfixturevalue("legacy_dir"))
-    except pytest.FixtureLookupError:
-        return _write_legacy_checkpoint(tmp_path_factory.mktemp("legacy"), vocab_dir)
-
-
-@pytest.fixture(scope="session")
-def weights(ckpt_dir: Path) -> Path:
-    return ckpt_dir / WEIGHTS
+def weights(legacy_dir: Path) -> Path:
+    return legacy_dir / WEIGHTS
 
 
 @pytest.fixture(scope="session")
@@ -186,19 +150,6 @@ def records(stdout: bytes) -> list[dict]:
     """The JSON objects of a --format jsonl run: one per line, every line one object."""
     assert stdout.endswith(b"\n"), stdout[-200:]
     return [json.loads(line) for line in stdout.decode("utf-8").split("\n")[:-1]]
-
-
-def assert_fails(proc: subprocess.CompletedProcess, code: int, *phrases: str) -> str:
-    """A usage error: exit `code`, nothing on stdout, one line on stderr naming the problem."""
-    err = proc.stderr.decode("utf-8", "replace")
-    assert proc.returncode == code, err
-    assert proc.stdout == b""
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    for phrase in phrases:
-        assert phrase in lines[0], lines[0]
-    return lines[0]
 
 
 def check_record_types(record: dict, seed: int, nprompts: int, nsamples: int, length: int) -> None:

@@ -11,13 +11,11 @@ real 124M shape.
 from __future__ import annotations
 
 import copy
-import shutil
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2Config as HFConfig
+from conftest import random_hf_model
 from transformers import GPT2LMHeadModel as HFModel
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
@@ -31,69 +29,6 @@ NEG_INF = float("-inf")
 
 # ---------------------------------------------------------------------------------------------------
 # helpers and fixtures
-
-
-def random_hf(seed: int, **config) -> HFModel:
-    """A transformers GPT-2 with every tensor drawn at random, scaled so that the next-token distribution
-    is neither flat nor one-hot (logits of std ~2): top-k and top-p then cut at varying places."""
-    torch.manual_seed(seed)
-    hf = HFModel(HFConfig(**config)).eval()
-    gen = torch.Generator().manual_seed(seed)
-    n_embd = hf.config.n_embd
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith(("wte.weight", "wpe.weight")):
-                p.copy_(2 * noise / n_embd**0.5)
-            elif ".ln_" in name and name.endswith(".weight"):
-                p.copy_(1 + 0.2 * noise)
-            elif name.endswith(".bias"):
-                p.copy_(0.1 * noise)
-            else:
-                p.copy_(noise / p.shape[0] ** 0.5)
-    return hf
-
-
-def legacy_state(hf: HFModel) -> dict[str, torch.Tensor]:
-    """graykode's gpt2-pytorch_model.bin layout: no prefix, no lm_head, h.N.attn.bias mask buffers."""
-    n_pos = hf.config.n_positions
-    state = {}
-    for key, value in hf.state_dict().items():
-        if key == "lm_head.weight":
-            continue
-        key = key.removeprefix("transformer.")
-        state[key] = value
-        if key.endswith(".attn.c_attn.weight"):
-            state[key.replace("c_attn.weight", "bias")] = torch.tril(torch.ones(n_pos, n_pos)).view(1, 1, n_pos, n_pos)
-    return state
-
-
-def _conftest_has(name: str) -> bool:
-    try:
-        import conftest
-    except ImportError:
-        return False
-    return hasattr(conftest, name)
-
-
-# The 124M fixtures are session-scoped in conftest.py; local copies stand in while it lacks them.
-if not _conftest_has("hf_124m"):
-
-    @pytest.fixture(scope="session")
-    def hf_124m() -> HFModel:
-        torch.manual_seed(0)
-        return HFModel(HFConfig()).eval()  # transformers' defaults are the 124M shape
-
-
-if not _conftest_has("legacy_dir"):
-
-    @pytest.fixture(scope="session")
-    def legacy_dir(hf_124m: HFModel, vocab_dir: Path, tmp_path_factory) -> Path:
-        path = tmp_path_factory.mktemp("legacy_124m")
-        torch.save(legacy_state(hf_124m), path / "gpt2-pytorch_model.bin", _use_new_zipfile_serialization=False)
-        for name in ("encoder.json", "vocab.bpe"):
-            shutil.copy(vocab_dir / name, path / name)
-        return path
 
 
 @pytest.fixture(autouse=True)
@@ -110,7 +45,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> tuple[HFModel, GPT2LMHeadModel]:
     """Two layers of width 64 over the real vocabulary; ours loaded from transformers' save_pretrained."""
-    hf = random_hf(7, n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=1024)
+    hf = random_hf_model(7, n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=1024)
     path = tmp_path_factory.mktemp("sample_model")
     hf.save_pretrained(path)
     return hf, load_model(path)

