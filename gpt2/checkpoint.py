@@ -244,7 +244,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     The model is built on the meta device and takes the loaded tensors as they are (assign=True), so
     no time or memory goes into a random initialisation that would be overwritten.
     """
-    weight_file = find_weight_file(Path(path))
+    weight_file = find_weight_file(Path(path).expanduser())
     state = read_state_dict(weight_file)
     config_file = weight_file.parent / "config.json"
     if config_file.is_file():

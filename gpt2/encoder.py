@@ -314,7 +314,7 @@ def get_encoder(directory: str | os.PathLike[str]) -> Encoder:
     where the vocabulary lives. Every problem (missing files, bad JSON, malformed merges, files that do
     not belong together) raises GPT2Error with a one-line message naming the file and the fix.
     """
-    d = Path(directory)
+    d = Path(directory).expanduser()
     if not d.is_dir():
         raise GPT2Error(f"vocabulary directory {d} does not exist or is not a directory; {_fix_hint(d)}")
     names = [("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")]
