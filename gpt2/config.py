@@ -33,12 +33,6 @@ class GPT2Config:
         return self.n_embd // self.n_head
 
     @classmethod
-    def from_preset(cls, name: str) -> GPT2Config:
-        if name not in PRESETS:
-            raise GPT2Error(f"unknown model {name!r}: use one of {', '.join(PRESETS)} or a path")
-        return cls(**PRESETS[name])
-
-    @classmethod
     def from_json(cls, path: Path) -> GPT2Config:
         """Read a Hugging Face `config.json`; keys this model does not use are ignored."""
         try:
