@@ -6,38 +6,78 @@ loop. Projections are `nn.Linear`: the checkpoints' Conv1D weights are transpose
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpt2.config import GPT2Config
 
-# Matrix-vector products (decoding: a few rows against a large weight) are bound by memory bandwidth,
-# and MKL runs each on a single thread. Cutting the weight into one slice per thread and multiplying
-# the slices as a batch (bmm) streams them in parallel. Up to this many rows; beyond, F.linear is a
-# compute-bound GEMM that MKL already parallelises.
-SPLIT_MAX_ROWS = 8
+# Decoding multiplies a few rows by each large weight. For float32 on CPU, oneDNN's inner product does
+# that faster than F.linear (whose MKL matrix-vector product runs on one thread), and faster still once
+# the weight is reordered into oneDNN's blocked layout (pack_weight). PACK_ROWS is the row count that
+# layout is tuned for.
+PACK_ROWS = 8
+# oneDNN builds (and keeps) one primitive per input shape, and sizes its scratch memory by it: prompts of
+# many lengths would each add some. So a product of more than PACK_ROWS rows runs in pieces of PIECE_ROWS
+# rows and then of powers of two, and oneDNN only ever sees a few dozen shapes; its caches (1024 entries
+# by default, read at oneDNN's first use) are sized to hold them all, so memory stops growing.
+PIECE_ROWS = 128
+ONEDNN_CACHE_CAPACITY = "64"
+for _variable in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+    os.environ.setdefault(_variable, ONEDNN_CACHE_CAPACITY)
+CACHE_SLOT_STEP = 64  # KV caches are allocated in multiples of this many slots (see setup_caches)
+
+
+@functools.cache
+def onednn_linear_available() -> bool:
+    """Whether this torch build has oneDNN's linear op (x86 and most CPU builds do)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        one = torch.ones(1, 1, device="cpu")
+        torch.ops.mkldnn._linear_pointwise(one, one, None, "none", [None], "")
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return False
+    return True
+
+
+def row_pieces(rows: int) -> list[int]:
+    """Row counts that add up to `rows`: as is up to PACK_ROWS, else PIECE_ROWS at a time, then powers of two."""
+    if rows <= PACK_ROWS:
+        return [rows]
+    pieces = [PIECE_ROWS] * (rows // PIECE_ROWS)
+    rest = rows % PIECE_ROWS
+    return pieces + [1 << bit for bit in reversed(range(rest.bit_length())) if rest >> bit & 1]
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear(x, weight, bias), with small float32 CPU products split across threads (see above)."""
-    rows, parts = x.numel() // x.size(-1), torch.get_num_threads()
-    if rows > SPLIT_MAX_ROWS or parts < 2 or x.device.type != "cpu" or x.dtype != torch.float32:
+    """F.linear(x, weight, bias): float32 on CPU through oneDNN, which also takes a packed weight."""
+    if not weight.is_mkldnn and (x.dtype != torch.float32 or x.device.type != "cpu" or not onednn_linear_available()):
         return F.linear(x, weight, bias)
-    out_features = weight.size(0)
-    even = out_features - out_features % parts
-    x2 = x.reshape(rows, -1)  # (rows, in)
-    w = weight[:even].view(parts, even // parts, -1)  # (parts, out/parts, in)
-    xt = x2.t().expand(parts, -1, -1)  # (parts, in, rows)
-    if bias is None:
-        y = torch.bmm(w, xt)
-    else:
-        y = torch.baddbmm(bias[:even].view(parts, -1, 1), w, xt)  # (parts, out/parts, rows)
-    y = y.permute(2, 0, 1).reshape(rows, even)  # (rows, even)
-    if even < out_features:
-        rest = F.linear(x2, weight[even:], None if bias is None else bias[even:])  # (rows, out - even)
-        y = torch.cat([y, rest], dim=1)
-    return y.view(*x.shape[:-1], out_features)
+    pieces = row_pieces(x.numel() // x.size(-1))
+    if len(pieces) == 1:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
+    rows = x.reshape(-1, x.size(-1)).split(pieces)  # (piece, in) each
+    out = torch.cat([torch.ops.mkldnn._linear_pointwise(r, weight, bias, "none", [None], "") for r in rows])
+    return out.view(*x.shape[:-1], -1)  # (..., out)
+
+
+def pack_weight(weight: Tensor) -> Tensor:
+    """The (out, in) float32 CPU weight in oneDNN's blocked layout: an opaque tensor only `linear` reads."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS)
+
+
+class PackedWeight(nn.Parameter):
+    """A parameter holding a packed weight (pack_weight). Its memory is opaque, so copy.deepcopy clones
+    it whole instead of element by element."""
+
+    def __deepcopy__(self, memo: dict) -> PackedWeight:
+        if id(self) not in memo:
+            memo[id(self)] = PackedWeight(self.data.clone(), self.requires_grad)
+        return memo[id(self)]
 
 
 class Linear(nn.Linear):
@@ -134,21 +174,47 @@ class GPT2LMHeadModel(nn.Module):
         ))
         # None: the LM head is the token embedding (tied). gpt2.quantize puts an int8 copy here.
         self.lm_head: nn.Module | None = None
+        self._kv_caches: list[KVCache] = []  # storage for setup_caches, kept between generations
+
+    def pack_weights(self) -> None:
+        """Reorder every block projection's weight for oneDNN (see pack_weight), where that applies:
+        float32 on CPU with oneDNN. For inference, as the last step of loading: packed weights are opaque
+        (`.to_dense()` reads one back) and cannot move to another device or dtype. The LM head stays the
+        dense token embedding, which lookups need too."""
+        weight = self.transformer.wte.weight
+        if weight.dtype != torch.float32 or weight.device.type != "cpu" or not onednn_linear_available():
+            return
+        for module in self.transformer.h.modules():
+            if isinstance(module, Linear) and not module.weight.is_mkldnn:
+                module.weight = PackedWeight(pack_weight(module.weight), requires_grad=False)
 
     def setup_caches(self, batch_size: int, max_len: int) -> None:
-        """Give every block a fresh KV cache of `max_len` slots for `batch_size` rows.
+        """Give every block a KV cache of at least `max_len` slots for `batch_size` rows.
 
-        Slots are not positions: with left-padded prompts a row's positions start after its padding,
-        so a batch may hold more slots than the context window.
+        The previous caches are reused when they are large enough for the same batch size: sizes are
+        rounded up to CACHE_SLOT_STEP slots, so a long run of prompts of similar length allocates them
+        once instead of leaving the allocator a differently sized hole per prompt. Slots are not
+        positions: with left-padded prompts a row's positions start after its padding, so a batch may
+        hold more slots than the context window.
         """
         weight = self.transformer.wte.weight
-        for block in self.transformer.h:
-            block.attn.kv_cache = KVCache(batch_size, self.config.n_head, max_len, self.config.head_dim,
-                                          weight.dtype, weight.device)
+        kept = self._kv_caches[0].k if self._kv_caches else None
+        if kept is None or kept.size(0) != batch_size or kept.size(2) < max_len or kept.dtype != weight.dtype \
+                or kept.device != weight.device:
+            self._kv_caches = []  # freed before the new ones are allocated
+            slots = -(-max_len // CACHE_SLOT_STEP) * CACHE_SLOT_STEP
+            self._kv_caches = [KVCache(batch_size, self.config.n_head, slots, self.config.head_dim,
+                                       weight.dtype, weight.device) for _ in self.transformer.h]
+        for block, cache in zip(self.transformer.h, self._kv_caches):
+            block.attn.kv_cache = cache
 
-    def clear_caches(self) -> None:
+    def clear_caches(self, release: bool = False) -> None:
+        """Detach the KV caches from the blocks (forward() then runs without one). Their memory is kept
+        for the next setup_caches unless `release`."""
         for block in self.transformer.h:
             block.attn.kv_cache = None
+        if release:
+            self._kv_caches = []
 
     def forward(self, idx: Tensor, start: int = 0, position_ids: Tensor | None = None,
                 key_valid: Tensor | None = None, last_only: bool = False) -> Tensor:

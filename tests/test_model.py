@@ -18,7 +18,7 @@ from transformers import GPT2LMHeadModel as HFModel
 
 from gpt2.checkpoint import load_model
 from gpt2.config import PRESETS, GPT2Config
-from gpt2.model import SPLIT_MAX_ROWS, GPT2LMHeadModel, linear
+from gpt2.model import PACK_ROWS, PIECE_ROWS, GPT2LMHeadModel, linear, onednn_linear_available, pack_weight, row_pieces
 
 TOL = 1e-4
 VOCAB = 50257
@@ -35,8 +35,8 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture
 def one_thread():
     """Decoding runs thousands of tiny ops; on a busy 2-core machine each one waits for the second
-    thread to be scheduled, which makes the test ten times slower. The split product that is only used
-    with several threads is tested on its own below."""
+    thread to be scheduled, which makes the test ten times slower. The decode path with several
+    threads is tested on its own below."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -217,46 +217,53 @@ def test_padding_mask_is_causal_hides_padding_and_never_empties_a_row(start, T):
 
 
 # ---------------------------------------------------------------------------------------------------
-# the split matrix-vector product used for decoding, and construction
+# the oneDNN products used on CPU, and construction
+
+needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN linear")
 
 
-@pytest.mark.parametrize("threads", [2, 3])
-@pytest.mark.parametrize("rows", [1, 5, 8, 9])
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 5, 8, 9, 127, 300])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_split_linear_matches_f_linear(threads, rows, with_bias, monkeypatch):
-    """`linear` cuts the weight into one slice per thread for up to SPLIT_MAX_ROWS rows; 2305 = 3 * 768 + 1
-    output features leave a remainder for 2 and 3 slices alike."""
+@pytest.mark.parametrize("packed", [False, True])
+def test_linear_matches_f_linear(rows, with_bias, packed):
+    """`linear` through oneDNN, with a dense or a packed weight, in one piece or several (rows > PACK_ROWS)."""
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(1, rows, 96, generator=gen)
     weight = torch.randn(2305, 96, generator=gen)
     bias = torch.randn(2305, generator=gen) if with_bias else None
-    calls = []
-
-    def spy(fn):
-        def wrapper(*args, **kwargs):
-            calls.append(fn.__name__)
-            return fn(*args, **kwargs)
-
-        return wrapper
-
-    for name in ("bmm", "baddbmm"):
-        monkeypatch.setattr(torch, name, spy(getattr(torch, name)))
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = linear(x, weight, bias)
-    finally:
-        torch.set_num_threads(before)
-    assert bool(calls) == (rows <= SPLIT_MAX_ROWS)  # the split path is the one under test
+    out = linear(x, pack_weight(weight) if packed else weight, bias)
     ref = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
     assert out.shape == (1, rows, 2305) and out.dtype == torch.float32
     assert max_diff(out, ref) < 1e-4
 
 
+def test_row_pieces_add_up_to_few_shapes():
+    """Products of any row count reach oneDNN in a bounded set of shapes (its caches hold them all)."""
+    shapes = set()
+    for rows in range(1, 2100):
+        pieces = row_pieces(rows)
+        assert sum(pieces) == rows
+        assert pieces == [rows] if rows <= PACK_ROWS else all(p <= PIECE_ROWS for p in pieces)
+        shapes.update(pieces)
+    powers = {1 << bit for bit in range(PIECE_ROWS.bit_length())}
+    assert shapes == set(range(1, PACK_ROWS + 1)) | powers
+
+
+@needs_onednn
+def test_load_model_packs_float32_projections_only(small_pair, tmp_path):
+    _, model = small_pair
+    blocks = model.transformer.h
+    assert all(m.weight.is_mkldnn for b in blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj))
+    assert not model.transformer.wte.weight.is_mkldnn  # the tied head: embedding lookups need it dense
+    hf = random_hf_model(3, n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=16)
+    hf.save_pretrained(tmp_path)
+    assert not load_model(tmp_path, dtype=torch.bfloat16).transformer.h[0].attn.c_attn.weight.is_mkldnn
+
+
 @pytest.mark.parametrize("threads", [2, 3])
-def test_cached_decode_with_split_products_matches_transformers(small_pair, threads):
-    """The decode path as it runs on a multi-core machine: every projection and the LM head through the
-    split product (vocabulary 1000 and n_embd 64 are not multiples of 3: the remainder path too)."""
+def test_cached_decode_with_threads_matches_transformers(small_pair, threads):
+    """The decode path as it runs on a multi-core machine (oneDNN splits the products across threads)."""
     hf, model = small_pair
     ids = torch.randint(0, 1000, (2, 48), generator=torch.Generator().manual_seed(threads))
     with torch.inference_mode():
