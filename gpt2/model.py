@@ -22,10 +22,10 @@ from gpt2.config import GPT2Config
 PACK_ROWS = 8
 # oneDNN builds (and keeps) one primitive per input shape, and sizes its scratch memory by it: prompts of
 # many lengths would each add some. So a product of more than PACK_ROWS rows runs in pieces of PIECE_ROWS
-# rows and then of powers of two, and oneDNN only ever sees a few dozen shapes; its caches (1024 entries
-# by default, read at oneDNN's first use) are sized to hold them all, so memory stops growing.
-PIECE_ROWS = 128
-ONEDNN_CACHE_CAPACITY = "64"
+# rows and then of powers of two, and oneDNN only ever sees a few dozen shapes (64 at batch 1 to 8); its
+# caches (1024 entries by default, read at oneDNN's first use) are sized to hold them all.
+PIECE_ROWS = 512
+ONEDNN_CACHE_CAPACITY = "128"
 for _variable in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
     os.environ.setdefault(_variable, ONEDNN_CACHE_CAPACITY)
 CACHE_SLOT_STEP = 64  # KV caches are allocated in multiples of this many slots (see setup_caches)

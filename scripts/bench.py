@@ -220,12 +220,12 @@ def weight_bytes_per_token(model: nn.Module) -> int:
     An embedding table that is only looked up (the position table; the token table when the LM head has
     its own copy, as with int8) counts one row, since a step reads only that row.
     """
-    tensors = {t.data_ptr(): t for t in itertools.chain(model.parameters(), model.buffers())}
+    tensors = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}  # packed ones have no data_ptr
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     wte, wpe = model.transformer.wte.weight, model.transformer.wpe.weight
     head = getattr(model, "lm_head", None)
     head_weight = getattr(head, "weight", None)
-    tied = head is None or (head_weight is not None and head_weight.data_ptr() == wte.data_ptr())
+    tied = head is None or head_weight is wte
     for table in [wpe] if tied else [wpe, wte]:
         total -= (table.size(0) - 1) * table.size(1) * table.element_size()
     return total

@@ -18,7 +18,16 @@ from transformers import GPT2LMHeadModel as HFModel
 
 from gpt2.checkpoint import load_model
 from gpt2.config import PRESETS, GPT2Config
-from gpt2.model import PACK_ROWS, PIECE_ROWS, GPT2LMHeadModel, linear, onednn_linear_available, pack_weight, row_pieces
+from gpt2.model import (
+    CACHE_SLOT_STEP,
+    PACK_ROWS,
+    PIECE_ROWS,
+    GPT2LMHeadModel,
+    linear,
+    onednn_linear_available,
+    pack_weight,
+    row_pieces,
+)
 
 TOL = 1e-4
 VOCAB = 50257
@@ -293,3 +302,33 @@ def test_model_built_off_meta_device_has_initialised_embeddings():
     with torch.device("meta"):
         meta = GPT2LMHeadModel(config)
     assert meta.transformer.wte.weight.is_meta
+
+
+def test_kv_caches_are_reused_and_stale_slots_never_read(small_pair):
+    """setup_caches keeps the last caches when they are large enough for the batch (sizes round up to
+    CACHE_SLOT_STEP slots); a short prompt after a long one sees none of the long one's keys."""
+    hf, model = small_pair
+    gen = torch.Generator().manual_seed(5)
+    long_ids, short_ids = torch.randint(0, 1000, (1, 60), generator=gen), torch.randint(0, 1000, (1, 20), generator=gen)
+    blocks = model.transformer.h
+    model.clear_caches(release=True)
+    try:
+        model.setup_caches(1, 60)
+        first = [b.attn.kv_cache for b in blocks]
+        assert first[0].k.shape[2] == CACHE_SLOT_STEP
+        with torch.inference_mode():
+            model(long_ids)
+        model.clear_caches()
+        assert all(b.attn.kv_cache is None for b in blocks)
+        model.setup_caches(1, 20)
+        assert [b.attn.kv_cache for b in blocks] == first  # the same storage, holding the long prompt's keys
+        with torch.inference_mode():
+            ours, ref = model(short_ids), hf(short_ids).logits
+        assert max_diff(ours, ref) < TOL
+        model.setup_caches(2, 20)  # another batch size: new caches
+        assert blocks[0].attn.kv_cache is not first[0] and blocks[0].attn.kv_cache.k.shape[:3] == (2, 4, 64)
+        model.clear_caches(release=True)
+        model.setup_caches(2, 20)
+        assert blocks[0].attn.kv_cache is not first[0]
+    finally:
+        model.clear_caches(release=True)
