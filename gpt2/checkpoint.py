@@ -20,7 +20,6 @@ from torch import Tensor
 
 from gpt2.config import GPT2Config, n_head_for
 from gpt2.errors import GPT2Error
-from gpt2.heap import large_frees_returned
 from gpt2.model import GPT2LMHeadModel
 
 # Looked for, in this order, when a directory is given.
@@ -246,26 +245,25 @@ A float32 model on CPU gets its projection weights packed for oneDNN (GPT2LMHead
     The model is built on the meta device and takes the loaded tensors as they are (assign=True), so
     no time or memory goes into a random initialisation that would be overwritten.
     """
-    with large_frees_returned():
-        weight_file = find_weight_file(Path(path).expanduser())
-        state = read_state_dict(weight_file)
-        config_file = weight_file.parent / "config.json"
-        if config_file.is_file():
-            config = _checked_against(GPT2Config.from_json(config_file), shape_sizes(state, str(weight_file)),
-                                      config_file)
-        else:
-            config = infer_config(state, str(weight_file))
-        with torch.device("meta"):
-            model = GPT2LMHeadModel(config)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-        weights = convert_state_dict(state, expected, dtype, source=str(weight_file))
-        del state
-        model.load_state_dict(weights, strict=True, assign=True)
-        del weights
-        if int8:
-            from gpt2.quantize import quantize_int8
+    weight_file = find_weight_file(Path(path).expanduser())
+    state = read_state_dict(weight_file)
+    config_file = weight_file.parent / "config.json"
+    if config_file.is_file():
+        config = _checked_against(GPT2Config.from_json(config_file), shape_sizes(state, str(weight_file)),
+                                  config_file)
+    else:
+        config = infer_config(state, str(weight_file))
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    weights = convert_state_dict(state, expected, dtype, source=str(weight_file))
+    del state
+    model.load_state_dict(weights, strict=True, assign=True)
+    del weights
+    if int8:
+        from gpt2.quantize import quantize_int8
 
-            quantize_int8(model)
-        model = model.to(device).eval()
-        model.pack_weights()
+        quantize_int8(model)
+    model = model.to(device).eval()
+    model.pack_weights()
     return model

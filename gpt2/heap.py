@@ -1,42 +1,29 @@
-"""glibc heap tuning while a model loads, so that the weights' peak memory is one copy, not two.
+"""Hand the heap's free memory back to the system: glibc's malloc_trim; elsewhere nothing.
 
-Loading reads each tensor into a buffer, transposes it into another, and (float32 on CPU) packs it into
-a third, freeing the one before. glibc keeps freed chunks of that size in its heap, because its mmap
-threshold rises with every large free, and the next copies do not fit into them: without this, the
-process's peak held the float32 weights twice (950 MiB instead of 740 for 124M). While loading, large
-allocations are mmapped, so a free returns them to the system at once; afterwards the threshold is fixed
-at glibc's own upper bound, where the dynamic one ends up anyway, so that generation's buffers are
-reused without new page faults. Elsewhere than glibc this does nothing.
+Packing the weights (GPT2LMHeadModel.pack_weights) makes a copy of each and frees the original. glibc
+keeps the freed chunks in its heap (its mmap threshold rises with every large free), and the packed
+copies do not reuse them, so without a trim the process's peak held the float32 weights twice: about
+930 MiB instead of 770 for 124M.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
+import functools
 import platform
 import sys
-from collections.abc import Callable, Iterator
-
-M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
-LOADING_THRESHOLD = 1 << 20  # bytes: every weight of GPT-2 but the smallest vectors is larger
-THRESHOLD_AFTER = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit systems
+from collections.abc import Callable
 
 
-def _glibc_mallopt() -> Callable[[int, int], int] | None:
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return None
-    return getattr(ctypes.CDLL(None), "mallopt", None)
+    return getattr(ctypes.CDLL(None), "malloc_trim", None)
 
 
-@contextlib.contextmanager
-def large_frees_returned() -> Iterator[None]:
-    """Within: allocations of LOADING_THRESHOLD bytes or more are mmapped and go back to the system when freed."""
-    mallopt = _glibc_mallopt()
-    if mallopt is None:
-        yield
-        return
-    mallopt(M_MMAP_THRESHOLD, LOADING_THRESHOLD)
-    try:
-        yield
-    finally:
-        mallopt(M_MMAP_THRESHOLD, THRESHOLD_AFTER)
+def return_free_memory() -> None:
+    """Release the heap's free pages to the system, where the C library can (glibc)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpt2.config import GPT2Config
+from gpt2.heap import return_free_memory
 
 # Decoding multiplies a few rows by each large weight. For float32 on CPU, oneDNN's inner product does
 # that faster than F.linear (whose MKL matrix-vector product runs on one thread), and faster still once
@@ -184,9 +185,11 @@ class GPT2LMHeadModel(nn.Module):
         weight = self.transformer.wte.weight
         if weight.dtype != torch.float32 or weight.device.type != "cpu" or not onednn_linear_available():
             return
-        for module in self.transformer.h.modules():
-            if isinstance(module, Linear) and not module.weight.is_mkldnn:
-                module.weight = PackedWeight(pack_weight(module.weight), requires_grad=False)
+        for block in self.transformer.h:
+            for module in block.modules():
+                if isinstance(module, Linear) and not module.weight.is_mkldnn:
+                    module.weight = PackedWeight(pack_weight(module.weight), requires_grad=False)
+            return_free_memory()  # the block's original weights, so that the peak never holds two copies
 
     def setup_caches(self, batch_size: int, max_len: int) -> None:
         """Give every block a KV cache of at least `max_len` slots for `batch_size` rows.
