@@ -239,7 +239,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     """A ready (eval-mode) model from a weight file or model directory.
 
     `int8` stores the projection and LM-head weights as int8 (gpt2.quantize); activations stay `dtype`.
-A float32 model on CPU gets its projection weights packed for oneDNN (GPT2LMHeadModel.pack_weights).
+    A float32 model on CPU gets its projection weights packed for oneDNN (GPT2LMHeadModel.pack_weights).
 
     The config comes from a config.json beside the weights when there is one, else from tensor shapes.
     The model is built on the meta device and takes the loaded tensors as they are (assign=True), so
