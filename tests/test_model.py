@@ -8,6 +8,7 @@ preset's head geometry at a small depth, and left-padded batches against the sam
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -326,9 +327,21 @@ def test_kv_caches_are_reused_and_stale_slots_never_read(small_pair):
             ours, ref = model(short_ids), hf(short_ids).logits
         assert max_diff(ours, ref) < TOL
         model.setup_caches(2, 20)  # another batch size: new caches
-        assert blocks[0].attn.kv_cache is not first[0] and blocks[0].attn.kv_cache.k.shape[:3] == (2, 4, 64)
-        model.clear_caches(release=True)
+        second = blocks[0].attn.kv_cache
+        assert second is not first[0] and second.k.shape[:3] == (2, 4, 64)
+        model.clear_caches(release=True)  # released: the next setup allocates again, even for the same size
         model.setup_caches(2, 20)
-        assert blocks[0].attn.kv_cache is not first[0]
+        assert blocks[0].attn.kv_cache is not second
     finally:
         model.clear_caches(release=True)
+
+
+@needs_onednn
+def test_deepcopy_of_a_packed_model_computes_the_same_logits(small_pair):
+    hf, model = small_pair
+    clone = copy.deepcopy(model)
+    weight, copied = model.transformer.h[0].attn.c_attn.weight, clone.transformer.h[0].attn.c_attn.weight
+    assert copied.is_mkldnn and copied is not weight and torch.equal(copied.to_dense(), weight.to_dense())
+    ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(8))
+    with torch.inference_mode():
+        assert max_diff(clone(ids), hf(ids).logits) < TOL
