@@ -23,8 +23,9 @@ from gpt2.heap import return_free_memory
 PACK_ROWS = 8
 # oneDNN builds (and keeps) one primitive per input shape, and sizes its scratch memory by it: prompts of
 # many lengths would each add some. So a product of more than PACK_ROWS rows runs in pieces of PIECE_ROWS
-# rows and then of powers of two, and oneDNN only ever sees a few dozen shapes (64 at batch 1 to 8); its
-# caches (1024 entries by default, read at oneDNN's first use) are sized to hold them all.
+# rows and one last piece padded up to a power of two: oneDNN only ever sees 14 row counts (1..8, 16..512),
+# a prompt of any length touches at most two of them, and its caches (1024 entries by default, read at
+# oneDNN's first use) are capped to hold what a run needs without growing for long.
 PIECE_ROWS = 512
 ONEDNN_CACHE_CAPACITY = "128"
 for _variable in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
@@ -46,24 +47,30 @@ def onednn_linear_available() -> bool:
 
 
 def row_pieces(rows: int) -> list[int]:
-    """Row counts that add up to `rows`: as is up to PACK_ROWS, else PIECE_ROWS at a time, then powers of two."""
+    """Row counts to run a product of `rows` rows in: as is up to PACK_ROWS, else PIECE_ROWS at a time and
+    the rest as is (up to PACK_ROWS) or padded up to a power of two. They add up to `rows` or a little more."""
     if rows <= PACK_ROWS:
         return [rows]
     pieces = [PIECE_ROWS] * (rows // PIECE_ROWS)
     rest = rows % PIECE_ROWS
-    return pieces + [1 << bit for bit in reversed(range(rest.bit_length())) if rest >> bit & 1]
+    if rest:
+        pieces.append(rest if rest <= PACK_ROWS else 1 << (rest - 1).bit_length())
+    return pieces
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear(x, weight, bias): float32 on CPU through oneDNN, which also takes a packed weight."""
     if not weight.is_mkldnn and (x.dtype != torch.float32 or x.device.type != "cpu" or not onednn_linear_available()):
         return F.linear(x, weight, bias)
-    pieces = row_pieces(x.numel() // x.size(-1))
-    if len(pieces) == 1:
+    rows = x.numel() // x.size(-1)
+    pieces = row_pieces(rows)
+    if len(pieces) == 1 and pieces[0] == rows:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
-    rows = x.reshape(-1, x.size(-1)).split(pieces)  # (piece, in) each
-    out = torch.cat([torch.ops.mkldnn._linear_pointwise(r, weight, bias, "none", [None], "") for r in rows])
-    return out.view(*x.shape[:-1], -1)  # (..., out)
+    flat = x.reshape(rows, x.size(-1))  # (rows, in)
+    flat = F.pad(flat, (0, 0, 0, sum(pieces) - rows))  # zero rows at the end; their outputs are dropped
+    out = torch.cat([torch.ops.mkldnn._linear_pointwise(piece, weight, bias, "none", [None], "")
+                     for piece in flat.split(pieces)])
+    return out[:rows].view(*x.shape[:-1], -1)  # (..., out)
 
 
 def pack_weight(weight: Tensor) -> Tensor:

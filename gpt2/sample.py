@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gpt2.heap import return_free_memory
 from gpt2.model import GPT2LMHeadModel
 
 
@@ -56,6 +57,10 @@ def generate(model: GPT2LMHeadModel, prompts: Sequence[Sequence[int]], max_new_t
     Shorter prompts are left-padded and masked, with positions counted from their first real token,
     so every row continues as if it ran alone. With `eot_token`, a row that has produced it keeps
     producing it, and generation stops once every row has.
+
+    At the end the heap's free pages go back to the system (a few ms after a long prompt): a prompt's
+    transient buffers otherwise stay in glibc's heap, fragmented, and a long run of prompts in one
+    process would see its peak RSS creep up prompt after prompt.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (use the end-of-text token to start)")
@@ -95,6 +100,7 @@ def generate(model: GPT2LMHeadModel, prompts: Sequence[Sequence[int]], max_new_t
                 next_position = next_position + 1
     finally:
         model.clear_caches()
+        return_free_memory()
 
 
 @torch.inference_mode()

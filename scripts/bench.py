@@ -9,6 +9,7 @@ prints one markdown table (medians with min-max, ratios ours / transformers) on 
     python scripts/bench.py                 # full run (11 minutes on 2 quiet cores, 16 on busy ones)
     python scripts/bench.py --quick         # 3 runs of 16 tokens, no batch-8 or CLI rows
     python scripts/bench.py --output bench.md
+    python scripts/bench.py --device cuda   # on a GPU: adds float16, times with CUDA synchronisation
 
 Rows: decode tokens/s (batch 1 and 8, every dtype), time to first token, 512-token prefill, process start
 to first forward with peak RSS (fresh child processes), CLI end-to-end wall time (fresh processes), and
@@ -51,10 +52,12 @@ sys.path.insert(0, str(REPO))  # `import gpt2` when run as `python scripts/bench
 # format whose arguments load_model refuses is left out of the table with a note; adding one = adding a line.
 DTYPES: dict[str, dict[str, Any]] = {
     "float32": {"dtype": "float32"},
+    "float16": {"dtype": "float16"},
     "bfloat16": {"dtype": "bfloat16"},
     "int8": {"dtype": "bfloat16", "int8": True},
 }
-HF_DTYPES: tuple[str, ...] = ("float32", "bfloat16")  # transformers: model.to(dtype)
+HF_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")  # transformers: model.to(dtype)
+GPU_ONLY_DTYPES = ("float16",)  # CPUs have no fast float16 products: left out of a CPU run
 
 PROMPT = "The quick brown fox jumps over the lazy dog while the farmer watches from his porch"
 PROMPT_TOKENS = 16  # PROMPT's length in GPT-2 tokens, checked at start-up
@@ -64,7 +67,7 @@ CLI_TOKENS = 32
 WARMUP_TOKENS = 8  # the excluded warm-up run of each decode setting (it also sizes the timed runs)
 MIN_TOKENS = 16  # the fewest new tokens a timed decode run gets, whatever the time cap
 PREFILL_WARMUP_TOKENS = 64  # the prefill warm-up prompt; timed prompts shrink in steps of this size
-BANDWIDTH_MIB = 512
+BANDWIDTH_MIB = {"cpu": 512, "cuda": 4096}
 REFERENCE = ("transformers", "float32", 1)  # decode ratios are also given against this setting
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
              "TOKENIZERS_PARALLELISM": "false"}
@@ -74,11 +77,11 @@ HF_CLI_SCRIPT = """\
 import sys
 import torch
 from transformers import GPT2LMHeadModel, GPT2TokenizerFast
-directory, text, length, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+directory, text, length, seed, device = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 torch.manual_seed(seed)
 tokenizer = GPT2TokenizerFast.from_pretrained(directory)
-model = GPT2LMHeadModel.from_pretrained(directory).eval()
-inputs = tokenizer(text, return_tensors="pt")
+model = GPT2LMHeadModel.from_pretrained(directory).to(device).eval()
+inputs = tokenizer(text, return_tensors="pt").to(device)
 with torch.inference_mode():
     out = model.generate(**inputs, do_sample=True, top_k=40, temperature=0.7, max_new_tokens=length,
                          min_new_tokens=length, pad_token_id=50256)
@@ -183,7 +186,8 @@ def load_kwargs(name: str) -> dict[str, Any]:
     return kwargs
 
 
-def load_ours(directory: Path, names: Sequence[str], prompt: list[int]) -> tuple[dict[str, nn.Module], list[str]]:
+def load_ours(directory: Path, names: Sequence[str], prompt: list[int],
+              device: str) -> tuple[dict[str, nn.Module], list[str]]:
     """This project's model for every name the loader accepts (checked with one forward); notes for the rest."""
     import torch
 
@@ -192,9 +196,9 @@ def load_ours(directory: Path, names: Sequence[str], prompt: list[int]) -> tuple
     models, skipped = {}, []
     for name in names:
         try:
-            model = load_model(directory, **load_kwargs(name))
+            model = load_model(directory, device=device, **load_kwargs(name))
             with torch.inference_mode():
-                model(torch.tensor([prompt]))
+                model(torch.tensor([prompt], device=device))
         except Exception as exc:  # whatever the refusal, it means "this format is not there (yet)"
             skipped.append(f"ours {name}: not measured, `load_model(dir, {call_arguments(DTYPES[name])})` refused it "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})")
@@ -203,15 +207,28 @@ def load_ours(directory: Path, names: Sequence[str], prompt: list[int]) -> tuple
     return models, skipped
 
 
-def load_hf(directory: Path, names: Sequence[str]) -> dict[str, nn.Module]:
+def load_hf(directory: Path, names: Sequence[str], device: str) -> dict[str, nn.Module]:
     import torch
     import transformers
 
     models = {}
     for name in names:
         model = transformers.GPT2LMHeadModel.from_pretrained(directory).eval()
-        models[name] = model.to(getattr(torch, name))
+        models[name] = model.to(device=device, dtype=getattr(torch, name))
     return models
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def now(device: torch.device | str) -> float:
+    """time.perf_counter() once the device's queued work is done (CUDA runs asynchronously)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def weight_bytes_per_token(model: nn.Module) -> int:
@@ -253,13 +270,14 @@ def time_ours(model: nn.Module, prompt: list[int], batch: int, new_tokens: int) 
     """Time this project's generate(), stamping each step as it is yielded."""
     from gpt2.sample import generate
 
-    start = time.perf_counter()
-    stamps = [time.perf_counter() for _ in generate(model, [prompt] * batch, new_tokens, TEMPERATURE, TOP_K,
-                                                    1.0, eot_token=None)]
+    device = model_device(model)
+    start = now(device)
+    stamps = [now(device) for _ in generate(model, [prompt] * batch, new_tokens, TEMPERATURE, TOP_K,
+                                            1.0, eot_token=None)]
     return GenerationTiming(stamps[0] - start, stamps[-1] - stamps[0], len(stamps) - 1, batch)
 
 
-def step_clock() -> Any:
+def step_clock(device: torch.device) -> Any:
     """A transformers streamer that only records when each put() comes (the first put is the prompt)."""
     from transformers.generation.streamers import BaseStreamer
 
@@ -268,7 +286,7 @@ def step_clock() -> Any:
             self.stamps: list[float] = []
 
         def put(self, value: Any) -> None:
-            self.stamps.append(time.perf_counter())
+            self.stamps.append(now(device))
 
         def end(self) -> None:
             pass
@@ -280,10 +298,11 @@ def time_hf(model: nn.Module, prompt: list[int], batch: int, new_tokens: int) ->
     """Time transformers' generate(), stamping each step by its streamer put() (put 0 is the prompt)."""
     import torch
 
-    ids = torch.tensor([prompt] * batch)
-    clock = step_clock()
+    device = model_device(model)
+    ids = torch.tensor([prompt] * batch, device=device)
+    clock = step_clock(device)
     with torch.inference_mode():
-        start = time.perf_counter()
+        start = now(device)
         model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=TOP_K,
                        temperature=TEMPERATURE, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                        pad_token_id=EOT, streamer=clock)
@@ -365,9 +384,9 @@ PrefillFn = Callable[["nn.Module", "torch.Tensor"], "torch.Tensor"]
 
 
 def prefill_seconds(fn: PrefillFn, model: nn.Module, ids: torch.Tensor) -> float:
-    start = time.perf_counter()
+    start = now(ids.device)
     fn(model, ids)
-    return time.perf_counter() - start
+    return now(ids.device) - start
 
 
 def time_prefill(sides: Sequence[tuple[PrefillFn, nn.Module]], ids: torch.Tensor, runs: int,
@@ -391,7 +410,7 @@ def time_prefill(sides: Sequence[tuple[PrefillFn, nn.Module]], ids: torch.Tensor
 # --------------------------------------------------------------------------- fresh processes
 
 
-def child(kind: str, directory: str, started: float) -> None:
+def child(kind: str, directory: str, started: float, device: str) -> None:
     """--child mode: load the model, run one forward of the prompt, print one JSON line and exit.
 
     `started` is the parent's time.time() right before it spawned this process, so interpreter start-up
@@ -402,18 +421,20 @@ def child(kind: str, directory: str, started: float) -> None:
     if kind == "ours":
         from gpt2.checkpoint import load_model
 
-        model = load_model(directory)
+        model = load_model(directory, device=device)
         forward = model
     else:
         import transformers
 
-        model = transformers.GPT2LMHeadModel.from_pretrained(directory).eval()
+        model = transformers.GPT2LMHeadModel.from_pretrained(directory).to(device).eval()
         forward = lambda ids: model(ids, use_cache=False)  # noqa: E731 - same work as ours: no cache
-    ids = torch.tensor([[(7 * i) % 50257 for i in range(PROMPT_TOKENS)]])
+    ids = torch.tensor([[(7 * i) % 50257 for i in range(PROMPT_TOKENS)]], device=device)
     with torch.inference_mode():
         forward(ids)
+    now(device)
     seconds = time.time() - started
-    print(json.dumps({"seconds": seconds, "peak_rss_mib": peak_rss_mib()}), flush=True)
+    gpu_mib = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+    print(json.dumps({"seconds": seconds, "peak_rss_mib": peak_rss_mib(), "peak_gpu_mib": gpu_mib}), flush=True)
 
 
 def peak_rss_mib() -> float:
@@ -442,28 +463,30 @@ def run_checked(command: list[str]) -> str:
     return done.stdout
 
 
-def time_to_first_forward(directory: Path, runs: int) -> dict[str, tuple[Stat, Stat]]:
-    """Per side: (seconds from process start to the end of the first forward, peak RSS MiB), interleaved."""
+def time_to_first_forward(directory: Path, runs: int, device: str) -> dict[str, dict[str, Stat]]:
+    """Per side, interleaved: seconds from process start to the end of the first forward ("seconds"), peak
+    RSS MiB ("peak_rss_mib") and, on a GPU, peak GPU memory allocated MiB ("peak_gpu_mib")."""
     samples: dict[str, list[dict[str, float]]] = {"ours": [], "transformers": []}
     for round_ in range(1, runs + 1):
         for kind in samples:
             started = time.time()
             out = run_checked([sys.executable, str(Path(__file__).resolve()), "--child", kind, str(directory),
-                               repr(started)])
+                               repr(started), device])
             samples[kind].append(json.loads(out.strip().splitlines()[-1]))
             log(f"  run {round_}/{runs} {kind}: {samples[kind][-1]['seconds']:.2f} s, "
                 f"{samples[kind][-1]['peak_rss_mib']:.0f} MiB")
-    return {kind: (Stat(tuple(s["seconds"] for s in got)), Stat(tuple(s["peak_rss_mib"] for s in got)))
+    return {kind: {key: Stat(tuple(s[key] for s in got)) for key in got[0] if got[0][key] is not None}
             for kind, got in samples.items()}
 
 
-def time_cli(directory: Path, runs: int) -> tuple[dict[str, Stat], bool]:
+def time_cli(directory: Path, runs: int, device: str) -> tuple[dict[str, Stat], bool]:
     """Wall time of main.py and of the equivalent transformers script generating CLI_TOKENS tokens, and
     whether every run of both printed the same text (same seed, same sampling: they should)."""
     commands = {
         "ours": [sys.executable, str(REPO / "main.py"), "--model", str(directory), "--text", PROMPT,
-                 "--length", str(CLI_TOKENS), "--quiet", "--seed", "1", "--offline"],
-        "transformers": [sys.executable, "-c", HF_CLI_SCRIPT, str(directory), PROMPT, str(CLI_TOKENS), "1"],
+                 "--length", str(CLI_TOKENS), "--quiet", "--seed", "1", "--offline", "--device", device],
+        "transformers": [sys.executable, "-c", HF_CLI_SCRIPT, str(directory), PROMPT, str(CLI_TOKENS), "1",
+                         device],
     }
     seconds: dict[str, list[float]] = {kind: [] for kind in commands}
     texts = set()
@@ -479,17 +502,17 @@ def time_cli(directory: Path, runs: int) -> tuple[dict[str, Stat], bool]:
 # --------------------------------------------------------------------------- the machine
 
 
-def memory_bandwidth(runs: int = 7) -> Stat:
-    """Streaming read bandwidth, GB/s: torch.sum over a BANDWIDTH_MIB float32 tensor on all threads."""
+def memory_bandwidth(device: str, runs: int = 7) -> Stat:
+    """Streaming read bandwidth, GB/s: torch.sum over a BANDWIDTH_MIB float32 tensor (on a CPU, all threads)."""
     import torch
 
-    x = torch.ones(BANDWIDTH_MIB * 2**20 // 4)
+    x = torch.ones(BANDWIDTH_MIB[device] * 2**20 // 4, device=device)
     x.sum()
     rates = []
     for _ in range(runs):
-        start = time.perf_counter()
+        start = now(device)
         x.sum()
-        rates.append(x.numel() * 4 / (time.perf_counter() - start) / 1e9)
+        rates.append(x.numel() * 4 / (now(device) - start) / 1e9)
     return Stat(tuple(rates))
 
 
@@ -503,13 +526,15 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def machine_line(bandwidth: Stat) -> str:
+def machine_line(bandwidth: Stat, device: str) -> str:
     import torch
     import transformers
 
-    return (f"Machine: {cpu_model()}, {os.cpu_count()} CPUs, torch.get_num_threads() = {torch.get_num_threads()}, "
-            f"torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}; "
-            f"streaming read bandwidth {bandwidth.cell(1)} GB/s.")
+    gpu = f"GPU {torch.cuda.get_device_name()} (all timed work runs there), " if device == "cuda" else ""
+    return (f"Machine: {gpu}{cpu_model()}, {os.cpu_count()} CPUs, torch.get_num_threads() = "
+            f"{torch.get_num_threads()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"Python {platform.python_version()}; streaming read bandwidth of the {device} "
+            f"{bandwidth.cell(1)} GB/s.")
 
 
 # --------------------------------------------------------------------------- the table
@@ -557,6 +582,7 @@ def call_arguments(kwargs: dict[str, Any]) -> str:
 
 def notes(args: argparse.Namespace, attention: str, extra: list[str], total_s: float) -> list[str]:
     """The table's footnotes: how each row was measured."""
+    gpu = args.device == "cuda"
     lines = [
         f"Medians of {args.runs} runs with (min–max); ratios are of medians, ours / transformers, same setting "
         "unless the column says otherwise (for tok/s higher is better, for s and MiB lower). Both sides: one "
@@ -572,13 +598,17 @@ def notes(args: argparse.Namespace, attention: str, extra: list[str], total_s: f
         f"{'' if args.quick else f' and {args.batch8_new_tokens} at batch 8'}, unless a side's warm-up shows "
         f"a run would exceed {args.max_run_seconds:g} s; then fewer (at least {MIN_TOKENS}), as the Setting "
         "column says.",
-        "Ours: " + ", ".join(f"{name} = `load_model(dir, {call_arguments(kwargs)})`" for name, kwargs in DTYPES.items())
-        + "; transformers: `GPT2LMHeadModel.from_pretrained(dir).to(dtype)`.",
-        "Bandwidth limit: tok/s at which one decode step reads every weight byte once at the measured "
-        "bandwidth (median of 7 sums before and 7 after the decode runs) = bandwidth / weight bytes per step "
+        "Ours: " + ", ".join(f"{name} = `load_model(dir, device={args.device!r}, {call_arguments(kwargs)})`"
+                             for name, kwargs in DTYPES.items() if gpu or name not in GPU_ONLY_DTYPES)
+        + f"; transformers: `GPT2LMHeadModel.from_pretrained(dir).to({args.device!r}, dtype)`.",
+        f"Bandwidth limit: tok/s at which one decode step reads every weight byte once at the measured "
+        f"bandwidth (median of 7 sums of {BANDWIDTH_MIB[args.device]} MiB before and 7 after the decode runs) "
+        "= bandwidth / weight bytes per step "
         "(parameters and buffers in that dtype, the tied embedding once, lookup-only tables one row; KV cache "
         "reads not counted); % = (steps/s × weight bytes) / bandwidth, so batch 8 is per step.",
         "Time to first token: from the generate() call to the first new token (batch 1, the decode runs).",
+        f"Device: {args.device}. Every time is read with time.perf_counter"
+        + (" after torch.cuda.synchronize() (each step's stamp too)." if gpu else "."),
         f"Prefill: batch 1, next-token logits; ours sets up its KV cache and runs `gpt2.sample._prefill`, "
         "transformers `model(ids, use_cache=True, logits_to_keep=1)` (as in generate()). A "
         f"{PREFILL_WARMUP_TOKENS}-token warm-up per side is excluded; the prompt is {PREFILL_TOKENS} tokens "
@@ -586,13 +616,14 @@ def notes(args: argparse.Namespace, attention: str, extra: list[str], total_s: f
         "Process start to first forward: parent's time.time() just before spawning a fresh Python, to the end "
         f"of one {PROMPT_TOKENS}-token forward after `load_model(dir)` / `GPT2LMHeadModel.from_pretrained(dir)` "
         "(float32); peak RSS = the child's VmHWM from /proc/self/status (ru_maxrss would carry the parent's "
-        "peak over fork and exec).",
+        "peak over fork and exec)" + ("; peak GPU memory = torch.cuda.max_memory_allocated()." if gpu else "."),
     ]
     if not args.quick:
         lines.append(
             f"CLI: wall time of `python main.py --model DIR --text PROMPT --length {CLI_TOKENS} --quiet --seed 1 "
-            "--offline` versus a fresh `python -c` that imports transformers, loads GPT2TokenizerFast and the "
-            f"model from DIR, generates {CLI_TOKENS} tokens with the same sampling, decodes and prints.")
+            f"--offline --device {args.device}` versus a fresh `python -c` that imports transformers, loads "
+            f"GPT2TokenizerFast and the model from DIR (to {args.device}), generates {CLI_TOKENS} tokens with the "
+            "same sampling, decodes and prints.")
     return lines + extra + [f"Whole benchmark: {total_s:.0f} s."]
 
 
@@ -609,7 +640,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="fewer tokens for a row whose timed runs would take longer than this (15)")
     p.add_argument("--quick", action="store_true", help="3 runs of 16 tokens; no batch-8 or CLI rows")
     p.add_argument("--output", metavar="FILE", help="also write the table to FILE")
-    p.add_argument("--child", nargs=3, metavar=("KIND", "DIR", "STARTED"), help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where both sides run (cpu)")
+    p.add_argument("--child", nargs=4, metavar=("KIND", "DIR", "STARTED", "DEVICE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.runs, args.new_tokens = 3, MIN_TOKENS
@@ -626,10 +658,11 @@ def decode_settings(args: argparse.Namespace, ours: dict[str, nn.Module], hf: di
             for system, models in (("ours", ours), ("transformers", hf)) for dtype, model in models.items()]
 
 
-def prefill_rows(ours: dict[str, nn.Module], hf: dict[str, nn.Module], runs: int, cap_s: float) -> list[Row]:
+def prefill_rows(ours: dict[str, nn.Module], hf: dict[str, nn.Module], runs: int, cap_s: float,
+                 device: str) -> list[Row]:
     import torch
 
-    ids = torch.randint(0, 50257, (1, PREFILL_TOKENS), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 50257, (1, PREFILL_TOKENS), generator=torch.Generator().manual_seed(0)).to(device)
     rows = []
     for dtype in dict.fromkeys([*ours, *hf]):
         sides = [(fn, models[dtype]) for fn, models in ((prefill_ours, ours), (prefill_hf, hf)) if dtype in models]
@@ -645,42 +678,48 @@ def prefill_rows(ours: dict[str, nn.Module], hf: dict[str, nn.Module], runs: int
 def benchmark(args: argparse.Namespace, directory: Path, started: float) -> str:
     """Every measurement, in order; the report (machine line, table, notes) as markdown."""
     log("bench: measuring memory bandwidth")
-    before = memory_bandwidth()
+    device = args.device
+    before = memory_bandwidth(device)
     prompt = prompt_ids(directory)
-    ours, extra = load_ours(directory, DTYPES, prompt)
-    hf = load_hf(directory, HF_DTYPES)
+    gpu = device == "cuda"
+    ours, extra = load_ours(directory, [d for d in DTYPES if gpu or d not in GPU_ONLY_DTYPES], prompt, device)
+    hf = load_hf(directory, [d for d in HF_DTYPES if gpu or d not in GPU_ONLY_DTYPES], device)
     attention = str(getattr(hf["float32"].config, "_attn_implementation", "unknown"))
     settings = decode_settings(args, ours, hf)
     log(f"bench: decode, {len(settings)} settings × {args.runs} runs (+1 warm-up)")
     results = run_generation(settings, prompt, args.runs, args.max_run_seconds)
-    bandwidth = Stat(before.values + memory_bandwidth().values)  # the machine's load may have changed
+    bandwidth = Stat(before.values + memory_bandwidth(device).values)  # the machine's load may have changed
     rows = decode_rows(results, bandwidth.median)
     log(f"bench: prefill of up to {PREFILL_TOKENS} tokens")
-    rows += prefill_rows(ours, hf, args.runs, args.max_run_seconds)
+    rows += prefill_rows(ours, hf, args.runs, args.max_run_seconds, device)
     del ours, hf, settings
 
     log("bench: process start to first forward (fresh processes)")
-    fresh = time_to_first_forward(directory, args.runs)
+    fresh = time_to_first_forward(directory, args.runs, device)
     rows.append(Row("process start → end of first forward, s", "float32, load from the saved directory",
-                    fresh["ours"][0], fresh["transformers"][0], 2))
-    rows.append(Row("peak RSS of that process, MiB", "float32", fresh["ours"][1], fresh["transformers"][1], 0))
+                    fresh["ours"]["seconds"], fresh["transformers"]["seconds"], 2))
+    rows.append(Row("peak RSS of that process, MiB", "float32", fresh["ours"]["peak_rss_mib"],
+                    fresh["transformers"]["peak_rss_mib"], 0))
+    if gpu:
+        rows.append(Row("peak GPU memory of that process, MiB", "float32", fresh["ours"]["peak_gpu_mib"],
+                        fresh["transformers"]["peak_gpu_mib"], 0))
     if not args.quick:
         log(f"bench: CLI end to end, {CLI_TOKENS} tokens (fresh processes)")
-        cli, same_text = time_cli(directory, args.runs)
+        cli, same_text = time_cli(directory, args.runs, device)
         rows.append(Row("CLI wall time, s", f"{CLI_TOKENS} new tokens, float32, fresh process", cli["ours"],
                         cli["transformers"], 2))
         extra.append(f"The two CLIs printed {'the same' if same_text else 'different'} text in every run "
                      "(seed 1; this project samples like generate(do_sample=True)).")
 
     body = notes(args, attention, extra, time.perf_counter() - started)
-    return "\n".join([machine_line(bandwidth), "", markdown_table(rows), "", *(f"- {n}" for n in body)]) + "\n"
+    return "\n".join([machine_line(bandwidth, device), "", markdown_table(rows), "", *(f"- {n}" for n in body)]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     args = parse_args(argv)
     if args.child:
-        child(args.child[0], args.child[1], float(args.child[2]))
+        child(args.child[0], args.child[1], float(args.child[2]), args.child[3])
         return 0
     import transformers
 
