@@ -102,12 +102,22 @@ class KVCache(nn.Module):
                  dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         shape = (batch_size, n_head, max_len, head_dim)  # (B, n_head, S_max, head_dim)
-        # Only slots [0, end) are ever read and every one of them is written first, so no zeroing.
-        self.register_buffer("k", torch.empty(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.empty(shape, dtype=dtype, device=device), persistent=False)
+        # Zeros: a step at a tensor slot reads every slot (masked), and a masked NaN would still poison
+        # the product with the values.
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v (B, n_head, T, head_dim) at slots start..start+T; return all slots up to there."""
+    @property
+    def slots(self) -> int:
+        return self.k.size(2)
+
+    def update(self, start: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, n_head, T, head_dim) at slots start..start+T; return all slots up to there, or
+        every slot when `start` is a (T,) tensor of slot numbers (the same shapes at every step)."""
+        if isinstance(start, Tensor):
+            self.k.index_copy_(2, start, k)
+            self.v.index_copy_(2, start, v)
+            return self.k, self.v
         end = start + k.size(2)
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
@@ -122,7 +132,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Linear(config.n_embd, config.n_embd)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, start: int, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, start: int | Tensor, mask: Tensor | None) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, -1).transpose(1, 2)  # (B, n_head, T, head_dim)
@@ -156,7 +166,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, start: int, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, start: int | Tensor, mask: Tensor | None) -> Tensor:
         x = x + self.attn(self.ln_1(x), start, mask)
         return x + self.mlp(self.ln_2(x))
 
@@ -218,6 +228,10 @@ class GPT2LMHeadModel(nn.Module):
         for block, cache in zip(self.transformer.h, self._kv_caches):
             block.attn.kv_cache = cache
 
+    def kv_caches(self) -> list[KVCache]:
+        """The caches of the last setup_caches (kept for the next one), block by block."""
+        return list(self._kv_caches)
+
     def clear_caches(self, release: bool = False) -> None:
         """Detach the KV caches from the blocks (forward() then runs without one). Their memory is kept
         for the next setup_caches unless `release`."""
@@ -226,19 +240,24 @@ class GPT2LMHeadModel(nn.Module):
         if release:
             self._kv_caches = []
 
-    def forward(self, idx: Tensor, start: int = 0, position_ids: Tensor | None = None,
+    def forward(self, idx: Tensor, start: int | Tensor = 0, position_ids: Tensor | None = None,
                 key_valid: Tensor | None = None, last_only: bool = False) -> Tensor:
         """Logits (B, T, vocab) for tokens idx (B, T) sitting at cache slots start..start+T.
 
-        position_ids (B, T) default to the slot numbers; key_valid (B, start+T) marks the slots that
-        hold real tokens (False for left padding). last_only computes the logits of the last slot only.
+        position_ids (B, T) default to the slot numbers; key_valid (B, start+T or more) marks the slots
+        that hold real tokens (False for left padding). last_only computes the logits of the last slot only.
+
+        `start` may also be a (1,) tensor, with T = 1 and caches set up: then attention reads every cache
+        slot, masked, so that every step has the same shapes and no host-side numbers (what a CUDA graph
+        replays, gpt2.cuda_graph).
         """
         B, T = idx.shape
         device = idx.device
         if position_ids is None:
-            position_ids = torch.arange(start, start + T, device=device).unsqueeze(0)  # (1, T)
+            position_ids = (start + torch.arange(T, device=device)).unsqueeze(0)  # (1, T)
         x = self.transformer.wte(idx) + self.transformer.wpe(position_ids)  # (B, T, n_embd)
-        mask = self._attention_mask(start, T, key_valid, device)
+        keys = self._kv_caches[0].slots if isinstance(start, Tensor) else start + T
+        mask = self._attention_mask(start, T, keys, key_valid, device)
         for block in self.transformer.h:
             x = block(x, start, mask)
         if last_only:
@@ -249,15 +268,15 @@ class GPT2LMHeadModel(nn.Module):
         return linear(x, self.transformer.wte.weight)  # tied LM head: (B, T, vocab)
 
     @staticmethod
-    def _attention_mask(start: int, T: int, key_valid: Tensor | None, device: torch.device) -> Tensor | None:
-        """None where SDPA's own causal flag is exact; else a (B, 1, T, start+T) bool mask."""
-        if key_valid is None and (start == 0 or T == 1):
+    def _attention_mask(start: int | Tensor, T: int, keys: int, key_valid: Tensor | None,
+                        device: torch.device) -> Tensor | None:
+        """None where SDPA's own causal flag is exact; else a (B, 1, T, keys) bool mask over key slots 0..keys."""
+        if key_valid is None and isinstance(start, int) and (start == 0 or T == 1):
             return None
-        end = start + T
-        query_slot = torch.arange(start, end, device=device).unsqueeze(1)  # (T, 1)
-        key_slot = torch.arange(end, device=device).unsqueeze(0)  # (1, end)
-        mask = key_slot <= query_slot  # (T, end)
+        query_slot = (start + torch.arange(T, device=device)).unsqueeze(1)  # (T, 1)
+        key_slot = torch.arange(keys, device=device).unsqueeze(0)  # (1, keys)
+        mask = key_slot <= query_slot  # (T, keys)
         if key_valid is not None:
             # A padding slot still sees itself, so that no row of the softmax is empty (NaN).
-            mask = mask & (key_valid[:, None, :end] | (key_slot == query_slot))  # (B, T, end)
-        return mask.unsqueeze(-3)  # (B or 1, 1, T, end)
+            mask = mask & (key_valid[:, None, :keys] | (key_slot == query_slot))  # (B, T, keys)
+        return mask.unsqueeze(-3)  # (B or 1, 1, T, keys)

@@ -7,7 +7,8 @@ a given `torch.manual_seed` yields the same tokens as `generate(do_sample=True)`
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,14 +50,19 @@ def next_token(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: 
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1).squeeze(1)
 
 
+# One decode step: (token (B,), slot, position (B, 1) or None, key_valid or None) -> next logits (B, vocab).
+DecodeStep = Callable[[Tensor, int, Tensor | None, Tensor | None], Tensor]
+
+
 def generate(model: GPT2LMHeadModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eot_token: int | None = None) -> Iterator[Tensor]:
+             eot_token: int | None = None, cuda_graph: bool = True) -> Iterator[Tensor]:
     """Yield each step's new tokens (B,) for a batch of prompts, which may differ in length.
 
     Shorter prompts are left-padded and masked, with positions counted from their first real token,
     so every row continues as if it ran alone. With `eot_token`, a row that has produced it keeps
-    producing it, and generation stops once every row has.
+    producing it, and generation stops once every row has. On a CUDA GPU the decode steps are replayed
+    from a CUDA graph (gpt2.cuda_graph) unless `cuda_graph` is False.
 
     At the end the heap's free pages go back to the system (a few ms after a long prompt): a prompt's
     transient buffers otherwise stay in glibc's heap, fragmented, and a long run of prompts in one
@@ -81,6 +87,7 @@ def generate(model: GPT2LMHeadModel, prompts: Sequence[Sequence[int]], max_new_t
         next_position = lengths.unsqueeze(1)  # (B, 1)
         max_position = model.config.n_positions - 1
     model.setup_caches(len(prompts), total)
+    decode_step: DecodeStep = functools.partial(_decode_step, model)
     try:
         logits = _prefill(model, idx, position_ids, key_valid)
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
@@ -95,7 +102,11 @@ def generate(model: GPT2LMHeadModel, prompts: Sequence[Sequence[int]], max_new_t
             # A row past its own budget may run on in the batch: its position is held at the window's
             # last, and the caller ignores what it produces.
             position = None if next_position is None else next_position.clamp(max=max_position)
-            logits = _decode_step(model, token, width + step, position, key_valid)
+            if step == 0 and cuda_graph and device.type == "cuda":
+                from gpt2.cuda_graph import decode_graph
+
+                decode_step = decode_graph(model, len(prompts))
+            logits = decode_step(token, width + step, position, key_valid)
             if next_position is not None:
                 next_position = next_position + 1
     finally:

@@ -71,6 +71,34 @@ def test_seeded_samples_match_transformers_generate(checkpoint, batch, eot):
     assert torch.equal(mine, theirs)
 
 
+def test_cuda_graph_steps_sample_what_eager_steps_sample(checkpoint):
+    """Mixed-length prompts (padding masks, clamped positions), then another batch size (a new capture),
+    then the first batch again: the graph path and the eager path draw the same tokens."""
+    from gpt2 import cuda_graph
+
+    directory, _ = checkpoint
+    model = load_model(directory, device=CUDA)
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    for batch in (prompts, prompts[:1], prompts):
+        runs = []
+        for graph in (True, False):
+            torch.manual_seed(4)
+            runs.append(torch.stack(list(generate(model, batch, 48, 0.7, 40, cuda_graph=graph))))
+        assert torch.equal(runs[0], runs[1])
+        assert cuda_graph._captured[model].token.size(0) == len(batch)
+    with torch.inference_mode():
+        model.setup_caches(3, 60)
+        try:
+            ids = torch.randint(0, 50257, (3, 20), device=CUDA)
+            eager = model(ids)[:, -1]
+            model(ids[:, :-1])
+            graph = cuda_graph.decode_graph(model, 3)
+            replayed = graph(ids[:, -1], 19, None, None)
+        finally:
+            model.clear_caches()
+    assert (replayed - eager).abs().max().item() < 1e-4
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_logits_within_the_documented_tolerance(checkpoint, ids, dtype):
     directory, _ = checkpoint

@@ -57,6 +57,15 @@ class Hub:
         return [h for m, p, h in self.log if m == "GET" and p.startswith(prefix) and p.endswith("/" + name)]
 
 
+class QuietServer(ThreadingHTTPServer):
+    """The test server: a client that hangs up mid-response (as the interrupted-download tests do) is
+    expected, not an error to print."""
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args: object) -> None:
@@ -155,7 +164,7 @@ def hub(hf_vocab: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPa
         }
         for fname, data in files.items():
             state.files[f"/{repo}/resolve/main/{fname}"] = data
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    server = QuietServer(("127.0.0.1", 0), _handler(state))
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -215,7 +215,7 @@ def test_padding_mask_is_causal_hides_padding_and_never_empties_a_row(start, T):
     end = start + T
     pads = torch.tensor([4, 0, 8])  # row 2 is padding up to slot 8
     key_valid = torch.arange(end + 3) >= pads.unsqueeze(1)  # (B, more slots than needed)
-    mask = GPT2LMHeadModel._attention_mask(start, T, key_valid, torch.device("cpu"))
+    mask = GPT2LMHeadModel._attention_mask(start, T, end, key_valid, torch.device("cpu"))
     assert mask.shape == (3, 1, T, end) and mask.dtype == torch.bool
     assert mask.any(dim=-1).all()
     for b in range(3):
@@ -335,6 +335,40 @@ def test_kv_caches_are_reused_and_stale_slots_never_read(small_pair):
         model.clear_caches(release=True)  # released: the next setup allocates again, even for the same size
         model.setup_caches(2, 20)
         assert blocks[0].attn.kv_cache is not second
+    finally:
+        model.clear_caches(release=True)
+
+
+def test_decode_at_a_tensor_slot_equals_decode_at_an_int_slot(small_pair):
+    """The static-shape step that CUDA graphs replay (start a tensor: every cache slot read, masked) gives
+    the logits of the ordinary step, with left padding and with stale keys of a longer earlier prompt in
+    the slots it must not see."""
+    _, model = small_pair
+    gen = torch.Generator().manual_seed(8)
+    ids = torch.randint(0, 1000, (2, 12), generator=gen)
+    pads = torch.tensor([0, 3])
+    steps = torch.randint(0, 1000, (2, 6), generator=gen)
+    total = 12 + 6
+    key_valid = torch.ones(2, total, dtype=torch.bool)
+    key_valid[:, :12] = torch.arange(12) >= pads.unsqueeze(1)
+    positions = (key_valid.long().cumsum(1) - 1).clamp(min=0)  # (B, total)
+    model.clear_caches(release=True)
+    try:
+        with torch.inference_mode():
+            model.setup_caches(2, 50)
+            model(torch.randint(0, 1000, (2, 50), generator=gen))  # stale keys in every slot below 50
+            model.setup_caches(2, total)
+            slots = model.kv_caches()[0].slots
+            assert slots == CACHE_SLOT_STEP > total
+            model(ids, 0, positions[:, :12], key_valid)
+            all_slots = torch.ones(2, slots, dtype=torch.bool)
+            all_slots[:, :total] = key_valid
+            for step in range(6):
+                slot = 12 + step
+                args = (steps[:, step:step + 1], slot, positions[:, slot:slot + 1])
+                ordinary = model(*args, key_valid[:, :slot + 1])
+                static = model(args[0], torch.tensor([slot]), args[2], all_slots)
+                assert max_diff(static, ordinary) < 1e-5, step
     finally:
         model.clear_caches(release=True)
 

@@ -1,0 +1,80 @@
+"""Decode steps on a CUDA GPU replayed from a CUDA graph.
+
+At batch 1 a GPT-2 decode step is a few hundred small kernels, and launching them one by one from
+Python takes longer than running them. A step at a tensor slot number (GPT2LMHeadModel.forward with
+`start` a tensor) has the same shapes and no host-side numbers at every step, so it is captured once per
+model, batch size and KV cache, and each later step copies its inputs into the captured buffers and
+replays the whole model as one launch. Sampling stays outside the graph: it draws from the global
+generator, as transformers' generate() does.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+
+import torch
+from torch import Tensor
+
+from gpt2.model import GPT2LMHeadModel
+
+# The last captured step of each model; a capture is replaced, not added to, when it no longer fits.
+_captured: weakref.WeakKeyDictionary[GPT2LMHeadModel, DecodeGraph] = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(model: GPT2LMHeadModel) -> tuple[int, ...]:
+    """Where every weight and KV cache of the model lives: a graph reads exactly that memory."""
+    return tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+class DecodeGraph:
+    """One decode step (one token per row) of a model whose KV caches are set up, as a CUDA graph."""
+
+    def __init__(self, model: GPT2LMHeadModel, batch_size: int) -> None:
+        self.fingerprint = _fingerprint(model)
+        slots = model.kv_caches()[0].slots
+        device = model.transformer.wte.weight.device
+        self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # (B, 1)
+        # The capture-time slot is the last one: a generation writes it before it reads it, so the
+        # warm-up steps below leave nothing that is ever read.
+        self.slot = torch.full((1,), slots - 1, dtype=torch.long, device=device)  # (1,)
+        self.position = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # (B, 1)
+        self.key_valid = torch.ones(batch_size, slots, dtype=torch.bool, device=device)  # (B, slots)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(2):  # library handles and workspaces are made here, not during the capture
+                self._step(model)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.inference_mode():
+            self.logits = self._step(model)  # (B, vocab), rewritten by every replay
+
+    def _step(self, model: GPT2LMHeadModel) -> Tensor:
+        return model(self.token, self.slot, self.position, self.key_valid, last_only=True)[:, -1]
+
+    def __call__(self, token: Tensor, slot: int, position: Tensor | None, key_valid: Tensor | None) -> Tensor:
+        """Next-token logits (B, vocab) for token (B,) at `slot`; position (B, 1) defaults to the slot,
+        key_valid (B, slot + 1 or more) to every slot. The result is overwritten by the next call."""
+        self.token.copy_(token.view(-1, 1))
+        self.slot.fill_(slot)
+        if position is None:
+            self.position.fill_(slot)
+        else:
+            self.position.copy_(position)
+        if key_valid is None:
+            self.key_valid.fill_(True)
+        else:
+            self.key_valid[:, :key_valid.size(1)].copy_(key_valid)
+        self.graph.replay()
+        return self.logits
+
+
+def decode_graph(model: GPT2LMHeadModel, batch_size: int) -> DecodeGraph:
+    """The model's captured decode step for `batch_size` rows and its current KV caches and weights,
+    captured now if there is none yet or they changed (the old capture's memory is freed first)."""
+    graph = _captured.get(model)
+    if graph is None or graph.token.size(0) != batch_size or graph.fingerprint != _fingerprint(model):
+        _captured.pop(model, None)
+        graph = _captured[model] = DecodeGraph(model, batch_size)
+    return graph
