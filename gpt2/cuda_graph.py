@@ -22,9 +22,10 @@ from gpt2.model import GPT2LMHeadModel
 _captured: weakref.WeakKeyDictionary[GPT2LMHeadModel, DecodeGraph] = weakref.WeakKeyDictionary()
 
 
-def _fingerprint(model: GPT2LMHeadModel) -> tuple[int, ...]:
-    """Where every weight and KV cache of the model lives: a graph reads exactly that memory."""
-    return tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
+def _fingerprint(model: GPT2LMHeadModel) -> tuple[tuple[int, torch.Size, torch.dtype], ...]:
+    """Where every weight and KV cache of the model lives, and its shape: a graph reads exactly that memory
+    as that shape (new caches may land at a released one's address, with more slots)."""
+    return tuple((t.data_ptr(), t.shape, t.dtype) for t in itertools.chain(model.parameters(), model.buffers()))
 
 
 class DecodeGraph:

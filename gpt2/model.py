@@ -25,7 +25,7 @@ PACK_ROWS = 8
 # many lengths would each add some. So a product of more than PACK_ROWS rows runs in pieces of PIECE_ROWS
 # rows and one last piece padded up to a power of two: oneDNN only ever sees 14 row counts (1..8, 16..512),
 # a prompt of any length touches at most two of them, and its caches (1024 entries by default, read at
-# oneDNN's first use) are capped to hold what a run needs without growing for long.
+# oneDNN's first use) are capped at ONEDNN_CACHE_CAPACITY entries.
 PIECE_ROWS = 512
 ONEDNN_CACHE_CAPACITY = "128"
 for _variable in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):

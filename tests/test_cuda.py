@@ -86,6 +86,12 @@ def test_cuda_graph_steps_sample_what_eager_steps_sample(checkpoint):
             runs.append(torch.stack(list(generate(model, batch, 48, 0.7, 40, cuda_graph=graph))))
         assert torch.equal(runs[0], runs[1])
         assert cuda_graph._captured[model].token.size(0) == len(batch)
+    model.clear_caches(release=True)  # new, longer caches, possibly where the released ones were
+    runs = []
+    for graph in (True, False):
+        torch.manual_seed(5)
+        runs.append(torch.stack(list(generate(model, prompts, 200, 0.7, 40, cuda_graph=graph))))
+    assert torch.equal(runs[0], runs[1])
     with torch.inference_mode():
         model.setup_caches(3, 60)
         try:
