@@ -59,6 +59,11 @@ DTYPES: dict[str, dict[str, Any]] = {
 HF_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")  # transformers: model.to(dtype)
 GPU_ONLY_DTYPES = ("float16",)  # CPUs have no fast float16 products: left out of a CPU run
 
+
+def measured(names: Sequence[str], device: str) -> list[str]:
+    """The dtype names that a run on `device` measures."""
+    return [name for name in names if device == "cuda" or name not in GPU_ONLY_DTYPES]
+
 PROMPT = "The quick brown fox jumps over the lazy dog while the farmer watches from his porch"
 PROMPT_TOKENS = 16  # PROMPT's length in GPT-2 tokens, checked at start-up
 TOP_K, TEMPERATURE, EOT = 40, 0.7, 50256
@@ -599,7 +604,7 @@ def notes(args: argparse.Namespace, attention: str, extra: list[str], total_s: f
         f"a run would exceed {args.max_run_seconds:g} s; then fewer (at least {MIN_TOKENS}), as the Setting "
         "column says.",
         "Ours: " + ", ".join(f"{name} = `load_model(dir, device={args.device!r}, {call_arguments(kwargs)})`"
-                             for name, kwargs in DTYPES.items() if gpu or name not in GPU_ONLY_DTYPES)
+                             for name, kwargs in DTYPES.items() if name in measured(DTYPES, args.device))
         + f"; transformers: `GPT2LMHeadModel.from_pretrained(dir).to({args.device!r}, dtype)`.",
         f"Bandwidth limit: tok/s at which one decode step reads every weight byte once at the measured "
         f"bandwidth (median of 7 sums of {BANDWIDTH_MIB[args.device]} MiB before and 7 after the decode runs) "
@@ -681,9 +686,8 @@ def benchmark(args: argparse.Namespace, directory: Path, started: float) -> str:
     device = args.device
     before = memory_bandwidth(device)
     prompt = prompt_ids(directory)
-    gpu = device == "cuda"
-    ours, extra = load_ours(directory, [d for d in DTYPES if gpu or d not in GPU_ONLY_DTYPES], prompt, device)
-    hf = load_hf(directory, [d for d in HF_DTYPES if gpu or d not in GPU_ONLY_DTYPES], device)
+    ours, extra = load_ours(directory, measured(list(DTYPES), device), prompt, device)
+    hf = load_hf(directory, measured(HF_DTYPES, device), device)
     attention = str(getattr(hf["float32"].config, "_attn_implementation", "unknown"))
     settings = decode_settings(args, ours, hf)
     log(f"bench: decode, {len(settings)} settings × {args.runs} runs (+1 warm-up)")
@@ -700,7 +704,7 @@ def benchmark(args: argparse.Namespace, directory: Path, started: float) -> str:
                     fresh["ours"]["seconds"], fresh["transformers"]["seconds"], 2))
     rows.append(Row("peak RSS of that process, MiB", "float32", fresh["ours"]["peak_rss_mib"],
                     fresh["transformers"]["peak_rss_mib"], 0))
-    if gpu:
+    if device == "cuda":
         rows.append(Row("peak GPU memory of that process, MiB", "float32", fresh["ours"]["peak_gpu_mib"],
                         fresh["transformers"]["peak_gpu_mib"], 0))
     if not args.quick:
