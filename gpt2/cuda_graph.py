@@ -41,15 +41,17 @@ class DecodeGraph:
         self.slot = torch.full((1,), slots - 1, dtype=torch.long, device=device)  # (1,)
         self.position = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # (B, 1)
         self.key_valid = torch.ones(batch_size, slots, dtype=torch.bool, device=device)  # (B, slots)
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream), torch.inference_mode():
-            for _ in range(2):  # library handles and workspaces are made here, not during the capture
-                self._step(model)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.inference_mode():
-            self.logits = self._step(model)  # (B, vocab), rewritten by every replay
+        self.device = device
+        with torch.cuda.device(device):  # capture and replay on the model's GPU, whichever is current
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), torch.inference_mode():
+                for _ in range(2):  # library handles and workspaces are made here, not during the capture
+                    self._step(model)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph), torch.inference_mode():
+                self.logits = self._step(model)  # (B, vocab), rewritten by every replay
 
     def _step(self, model: GPT2LMHeadModel) -> Tensor:
         return model(self.token, self.slot, self.position, self.key_valid, last_only=True)[:, -1]
@@ -67,7 +69,8 @@ class DecodeGraph:
             self.key_valid.fill_(True)
         else:
             self.key_valid[:, :key_valid.size(1)].copy_(key_valid)
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.graph.replay()
         return self.logits
 
 
