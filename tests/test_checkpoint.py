@@ -521,3 +521,32 @@ def test_corrupt_old_format_file_is_a_gpt2_error(content, tmp_path):
     path.write_bytes(content(tmp_path))
     with pytest.raises(GPT2Error, match=re.escape(str(path))):
         read_state_dict(path)
+
+
+def test_safetensors_tensors_read_exactly_and_a_file_cut_after_opening_is_refused(tmp_path: Path) -> None:
+    """Tensors are read straight into uninitialised memory, so a short read must be an error, never a
+    tensor with whatever bytes were there."""
+    path = tmp_path / "model.safetensors"
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "empty": torch.zeros(0, 4)}
+    save_file(tensors, path)
+    state = read_state_dict(path)
+    for key, tensor in tensors.items():
+        assert state[key].dtype == tensor.dtype and torch.equal(state[key], tensor)
+    data = path.read_bytes()
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    last = max((k for k in tensors if tensors[k].numel()), key=lambda k: header[k]["data_offsets"][1])
+    with open(path, "r+b") as f:
+        f.truncate(len(data) - 4)  # the last tensor in the file loses its last bytes
+    with pytest.raises(GPT2Error, match="cut short"):
+        state[last]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("key", ["transformer.h.1.mlp.c_fc.weight", "transformer.wte.weight",
+                                 "transformer.h.0.ln_1.bias"])
+def test_a_non_finite_value_anywhere_is_refused(hf_state, tmp_path: Path, key: str, bad: float) -> None:
+    """One NaN or infinity, in a transposed Conv1D weight, the embedding or a bias, names the tensor."""
+    hf_state[key].view(-1)[hf_state[key].numel() // 3] = bad
+    save_file(hf_state, tmp_path / "model.safetensors")
+    with pytest.raises(GPT2Error, match=re.escape(f"tensor {key} holds NaN or infinite values")):
+        load_model(tmp_path)
