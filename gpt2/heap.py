@@ -5,7 +5,7 @@ original; glibc keeps the freed chunks in its heap (its mmap threshold rises wit
 the packed copies do not reuse them, so without a trim the load peak held the float32 weights twice (about
 930 MiB instead of 770 for 124M). And each generation (gpt2.sample.generate) ends with one: a long
 prompt's transient buffers otherwise stay in the heap, fragmented, and over many prompts in one process
-the peak RSS crept up by 27 MiB (scripts/soak.py; flat with the trim).
+the peak RSS crept up by 27 MiB (scripts/soak.py; within 0–6 MiB with the trim).
 """
 
 from __future__ import annotations
