@@ -228,8 +228,7 @@ def convert_state_dict(state: Mapping[str, Tensor], expected: Mapping[str, torch
         if name not in expected or not stored.is_floating_point():
             unexpected.append(key)
             continue
-        transposed = name.endswith(CONV1D_WEIGHTS) and stored.dim() == 2
-        tensor = stored.t() if transposed else stored
+        tensor = stored.t() if name.endswith(CONV1D_WEIGHTS) and stored.dim() == 2 else stored
         seen.add(name)
         if tensor.shape != expected[name]:
             misshaped.append(f"{key} {tuple(tensor.shape)} (expected {tuple(expected[name])})")
