@@ -15,13 +15,14 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import random_hf_model
 from transformers import GPT2LMHeadModel as HFModel
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from gpt2.checkpoint import load_model
 from gpt2.model import GPT2LMHeadModel
-from gpt2.sample import generate, next_token, sample_sequence, top_k_logits, top_p_logits
+from gpt2.sample import DRAW_MAX_CANDIDATES, draw_one, generate, next_token, sample_sequence, top_k_logits, top_p_logits
 
 EOT = 50256
 VOCAB = 50257
@@ -343,3 +344,57 @@ def test_next_token_draws_from_the_filtered_distribution():
     for _ in range(20):
         token = next_token(logits, temperature=0.7, top_k=40)
         assert allowed.gather(1, token.unsqueeze(1)).all()
+
+
+def _multinomial_and_state(probs: torch.Tensor, seed: int, draw) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    token = draw(probs)
+    return token, torch.default_generator.get_state()
+
+
+def _torch_multinomial(probs: torch.Tensor) -> torch.Tensor:
+    return torch.multinomial(probs, 1).squeeze(1)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("k", [1, 2, 40, 300])
+def test_draw_one_equals_torch_multinomial_and_leaves_the_generator_alike(batch, k):
+    """Same token per row and the same generator state after, over many seeds, scales and cut-offs."""
+    for seed in range(40):
+        logits = torch.randn(batch, VOCAB, generator=torch.Generator().manual_seed(seed)) * (0.3 + seed % 5 * 3)
+        probs = F.softmax(top_k_logits(logits / 0.7, k), dim=-1)
+        expected, expected_state = _multinomial_and_state(probs, seed, _torch_multinomial)
+        token, state = _multinomial_and_state(probs, seed, draw_one)
+        assert torch.equal(token, expected), (seed, token, expected)
+        assert torch.equal(state, expected_state)
+
+
+def test_draw_one_breaks_ties_like_torch_and_takes_every_path():
+    """Exact ties (equal probabilities), rows of one candidate, more candidates than DRAW_MAX_CANDIDATES (torch's
+    own draw), non-contiguous and double input: always torch.multinomial's token and state."""
+    ties = torch.zeros(4, VOCAB)
+    ties[0, [5, 17, 900, 50000]] = 0.25
+    ties[1, 123] = 1.0
+    ties[2, :DRAW_MAX_CANDIDATES] = 1.0 / DRAW_MAX_CANDIDATES
+    ties[3, 7:9] = 0.5
+    wide = torch.full((2, VOCAB), 1.0 / VOCAB)  # every entry a candidate
+    for probs in (ties, ties[:2], ties[[0, 1, 3]], wide, ties.t().contiguous().t(), ties.double()):
+        for seed in range(30):
+            expected = _multinomial_and_state(probs, seed, _torch_multinomial)
+            got = _multinomial_and_state(probs, seed, draw_one)
+            assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "negative", "all zero row"])
+def test_draw_one_refuses_what_torch_refuses(bad):
+    probs = F.softmax(top_k_logits(torch.randn(2, VOCAB), 40), dim=-1)
+    value = {"nan": float("nan"), "inf": float("inf"), "negative": -0.5, "all zero row": 0.0}[bad]
+    if bad == "all zero row":
+        probs[1] = 0.0
+    else:
+        probs[1, 10] = value
+    with pytest.raises(RuntimeError) as expected:
+        torch.multinomial(probs, 1)
+    with pytest.raises(RuntimeError) as got:
+        draw_one(probs)
+    assert str(got.value) == str(expected.value)
