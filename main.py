@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "file or model directory with the vocabulary beside it (default gpt2)")
     p.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=DTYPES,
-                   help="weight precision; int8: int8 weights, bfloat16 activations (default float32)")
+                   help="weight precision (default float32); on CPU bfloat16 and float16 keep float32 "
+                        "activations; int8: int8 weights, bfloat16 activations")
     p.add_argument("--offline", action="store_true",
                    help="never download (also on with HF_HUB_OFFLINE=1); fail if the model is missing")
     p.add_argument("--stats", action="store_true", help="print load time, time to first token and tokens/s "

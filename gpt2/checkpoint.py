@@ -262,7 +262,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     """A ready (eval-mode) model from a weight file or model directory.
 
     `int8` stores the projection and LM-head weights as int8 (gpt2.quantize); activations stay `dtype`.
-    A float32 model on CPU gets its projection weights packed for oneDNN (GPT2LMHeadModel.pack_weights).
+    A bfloat16 or float16 model on CPU keeps its weights' values in float16 products with float32
+    activations (gpt2.quantize.float16_weights_for_cpu); a float32 one gets its projection weights packed
+    for oneDNN (GPT2LMHeadModel.pack_weights).
 
     The config comes from a config.json beside the weights when there is one, else from tensor shapes.
     The model is built on the meta device and takes the loaded tensors as they are (assign=True), so
@@ -288,5 +290,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
 
         quantize_int8(model)
     model = model.to(device).eval()
+    if not int8 and dtype in (torch.bfloat16, torch.float16):
+        from gpt2.quantize import float16_weights_for_cpu
+
+        float16_weights_for_cpu(model)  # on CPU, where FBGEMM is there
     model.pack_weights()
     return model

@@ -190,7 +190,7 @@ class GPT2LMHeadModel(nn.Module):
             h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
-        # None: the LM head is the token embedding (tied). gpt2.quantize puts an int8 copy here.
+        # None: the LM head is the token embedding (tied). gpt2.quantize puts an int8 or float16 copy here.
         self.lm_head: nn.Module | None = None
         self._kv_caches: list[KVCache] = []  # storage for setup_caches, kept between generations
 
@@ -208,6 +208,12 @@ class GPT2LMHeadModel(nn.Module):
                     module.weight = PackedWeight(pack_weight(module.weight), requires_grad=False)
             return_free_memory()  # the block's original weights, so that the peak never holds two copies
 
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        """The dtype of hidden states, KV caches and logits: the weights' dtype, or float32 where
+        gpt2.quantize gave a bfloat16 or float16 model float16-weight products with float32 activations."""
+        return self.transformer.ln_f.weight.dtype
+
     def setup_caches(self, batch_size: int, max_len: int) -> None:
         """Give every block a KV cache of at least `max_len` slots for `batch_size` rows.
 
@@ -218,13 +224,14 @@ class GPT2LMHeadModel(nn.Module):
         hold more slots than the context window.
         """
         weight = self.transformer.wte.weight
+        dtype = self.activation_dtype
         kept = self._kv_caches[0].k if self._kv_caches else None
-        if kept is None or kept.size(0) != batch_size or kept.size(2) < max_len or kept.dtype != weight.dtype \
+        if kept is None or kept.size(0) != batch_size or kept.size(2) < max_len or kept.dtype != dtype \
                 or kept.device != weight.device:
             self._kv_caches = []  # freed before the new ones are allocated
             slots = -(-max_len // CACHE_SLOT_STEP) * CACHE_SLOT_STEP
             self._kv_caches = [KVCache(batch_size, self.config.n_head, slots, self.config.head_dim,
-                                       weight.dtype, weight.device) for _ in self.transformer.h]
+                                       dtype, weight.device) for _ in self.transformer.h]
         for block, cache in zip(self.transformer.h, self._kv_caches):
             block.attn.kv_cache = cache
 

@@ -1,19 +1,27 @@
-"""Opt-in weight-only int8: each projection's weights as int8 with one scale per output channel.
+"""Opt-in reduced-precision weights: int8 (any device) and 16-bit weights for CPU matrix products.
 
-Activations stay in the model's dtype (bfloat16 is fastest); `torch._weight_int8pack_mm` reads a
-quarter of the bytes of float32 weights, and decoding is bound by how many bytes it reads.
+Decoding is bound by how many weight bytes each step reads, so fewer bytes per weight is faster.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
+from gpt2.heap import return_free_memory
 from gpt2.model import GPT2LMHeadModel, Linear
+
+FLOAT16_MAX = 65504.0
 
 
 class Int8Linear(nn.Module):
-    """y = x @ (weight_int8 * scales).T + bias, with symmetric per-output-channel scales."""
+    """y = x @ (weight_int8 * scales).T + bias, with symmetric per-output-channel scales.
+
+    Activations stay in the model's dtype (bfloat16 is fastest); `torch._weight_int8pack_mm` reads a
+    quarter of the bytes of float32 weights.
+    """
 
     def __init__(self, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
@@ -41,3 +49,62 @@ def quantize_int8(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
     # The embedding keeps its full-precision rows for lookups; the head gets its own int8 copy.
     model.lm_head = Int8Linear(model.transformer.wte.weight, None, dtype)
     return model
+
+
+@functools.cache
+def float16_kernel_available() -> bool:
+    """Whether this torch build has FBGEMM's float16-weight product (x86 CPU builds do)."""
+    try:
+        packed = torch.ops.quantized.linear_prepack_fp16(torch.ones(1, 1), None)
+        torch.ops.quantized.linear_dynamic_fp16(torch.ones(1, 1), packed)
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return False
+    return True
+
+
+class Float16Linear(nn.Module):
+    """y = x @ weight.T + bias for float32 x and y, the weight stored in float16 and packed for FBGEMM.
+
+    The kernel widens the half-precision weights to float32 in registers: a decode step reads half the
+    bytes of float32 weights and the activations keep float32's precision. On CPUs without native
+    bfloat16 arithmetic (AVX2) this is also much faster than torch's bfloat16 products.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.packed = torch.ops.quantized.linear_prepack_fp16(
+            weight.detach().float(), None if bias is None else bias.detach().float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)  # (..., out)
+
+    def weight_and_bias(self) -> tuple[Tensor, Tensor | None]:
+        """The stored weight (out, in) and bias, as float32."""
+        return torch.ops.quantized.linear_unpack_fp16(self.packed)
+
+
+def float16_weights_for_cpu(model: GPT2LMHeadModel) -> bool:
+    """Give a bfloat16 or float16 CPU model float32 activations and Float16Linear projections; in place.
+
+    The weights keep the values of the model's dtype: every bfloat16 value of magnitude 2**-14 (6.1e-5)
+    to 65504 is exactly a float16 one (float16 has more mantissa bits), and below that float16 rounds it
+    by at most 3e-8. The token table stays in the model's dtype for lookups; the LM head gets a packed
+    copy. Returns False, changing nothing, where FBGEMM is missing or a weight is beyond float16's range.
+    """
+    wte = model.transformer.wte.weight
+    if wte.device.type != "cpu" or wte.dtype not in (torch.bfloat16, torch.float16) or not float16_kernel_available():
+        return False
+    linears = [(module, name, child) for module in model.modules() for name, child in module.named_children()
+               if isinstance(child, Linear)]
+    if any(float(child.weight.detach().abs().max()) > FLOAT16_MAX for _, _, child in linears) \
+            or float(wte.detach().abs().max()) > FLOAT16_MAX:
+        return False
+    for module, name, child in linears:
+        setattr(module, name, Float16Linear(child.weight, child.bias))
+    model.lm_head = Float16Linear(wte, None)
+    for module in model.modules():  # layer norms and the position table: float32 from here on
+        if isinstance(module, nn.LayerNorm) or module is model.transformer.wpe:
+            module.float()
+    return_free_memory()
+    return True

@@ -247,11 +247,11 @@ def test_load_weight_into_a_built_model(hf_state, ids, ref):
 def test_bfloat16_load(hf_state, ids, ref, tmp_path):
     save_safetensors(hf_state, tmp_path / "model.safetensors")
     model = load_model(tmp_path, dtype=torch.bfloat16)
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.transformer.wte.weight.dtype == torch.bfloat16
     logits = logits_of(model, ids)
-    assert logits.dtype == torch.bfloat16
-    # bfloat16 keeps ~3 significant digits: close to the float32 logits (std ~2), not equal
-    assert (logits.float() - ref).abs().mean() < 0.1
+    assert logits.dtype == model.activation_dtype  # float32 where FBGEMM runs the products (test_dtypes)
+    # bfloat16 weights keep ~3 significant digits: close to the float32 logits (std ~2), not equal
+    assert 0 < (logits.float() - ref).abs().mean() < 0.1
 
 
 # ---------------------------------------------------------------------------------------------------
