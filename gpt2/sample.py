@@ -2,7 +2,8 @@
 
 The draw follows graykode (and transformers' `generate`): logits / temperature, top-k, then top-p,
 softmax, one `torch.multinomial` over the full vocabulary per step from the global generator, so that
-a given `torch.manual_seed` yields the same tokens as `generate(do_sample=True)`.
+a given `torch.manual_seed` yields the same tokens as `generate(do_sample=True)`. On CPU that draw is
+computed by `draw_one`, the same numbers for a fifth of the work.
 """
 
 from __future__ import annotations
