@@ -78,18 +78,18 @@ def draw_one(probs: Tensor) -> Tensor:
     low_bits = torch.empty(probs.shape, dtype=torch.int64).random_().bitwise_and_(_LOW_53_BITS)  # (B, vocab)
     rows, columns = candidates.unbind(1)
     p = probs[rows, columns]  # (n,)
-    best = torch.full((probs.size(0),), -math.inf).scatter_reduce(0, rows, p, "amax")  # (B,)
-    if int(low_bits.min()) == 0 or not bool((p > 0).all() & p.isfinite().all() & (best > 0).all()):
-        torch.default_generator.set_state(state)  # u = 0 (a q of 0: NaN or inf ratios), or invalid input
+    batch, n = probs.size(0), p.numel()
+    has_candidate = torch.zeros(batch, dtype=torch.bool).index_fill_(0, rows, True)  # (B,)
+    if int(low_bits.min()) == 0 or not bool((p > 0).all() & p.isfinite().all() & has_candidate.all()):
+        torch.default_generator.set_state(state)  # u = 0 (q = 0: NaN or inf ratios), or input torch refuses
         return torch.multinomial(probs, 1).squeeze(1)
     q = torch.tensor([-math.log1p(-(bits / 2**53)) for bits in low_bits[rows, columns].tolist()],
-                     dtype=torch.float64).float()  # (n,) as exponential_ rounds its double to float
+                     dtype=torch.float64).float()  # (n,) rounded to float as exponential_ rounds its double
     ratio = p / q  # (n,)
-    best = torch.full_like(best, -math.inf).scatter_reduce(0, rows, ratio, "amax")  # (B,)
-    order = torch.arange(ratio.numel())
+    best = torch.full((batch,), -math.inf).scatter_reduce(0, rows, ratio, "amax")  # (B,)
     # argmax's tie rule: the first column (in memory order) that reaches the row's best ratio
-    first = torch.full_like(rows[:probs.size(0)], ratio.numel()).scatter_reduce(
-        0, rows, order.masked_fill(ratio != best[rows], ratio.numel()), "amin")  # (B,)
+    position = torch.arange(n).masked_fill(ratio != best[rows], n)  # (n,)
+    first = torch.full((batch,), n, dtype=torch.long).scatter_reduce(0, rows, position, "amin")  # (B,)
     return columns[first]
 
 
