@@ -6,6 +6,7 @@ Decoding is bound by how many weight bytes each step reads, so fewer bytes per w
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor, nn
@@ -95,14 +96,21 @@ def float16_weights_for_cpu(model: GPT2LMHeadModel) -> bool:
     wte = model.transformer.wte.weight
     if wte.device.type != "cpu" or wte.dtype not in (torch.bfloat16, torch.float16) or not float16_kernel_available():
         return False
-    linears = [(module, name, child) for module in model.modules() for name, child in module.named_children()
-               if isinstance(child, Linear)]
-    if any(float(child.weight.detach().abs().max()) > FLOAT16_MAX for _, _, child in linears) \
+    places = [(module, name) for module in model.modules() for name, child in module.named_children()
+              if isinstance(child, Linear)]  # (parent, attribute): no reference that would keep a weight alive
+    if any(float(getattr(module, name).weight.detach().abs().max()) > FLOAT16_MAX for module, name in places) \
             or float(wte.detach().abs().max()) > FLOAT16_MAX:
         return False
-    for module, name, child in linears:
-        setattr(module, name, Float16Linear(child.weight, child.bias))
-    model.lm_head = Float16Linear(wte, None)
+
+    def replace(place: tuple[nn.Module, str]) -> None:  # the original weight is freed once its copy is made
+        module, name = place
+        setattr(module, name, Float16Linear(getattr(module, name).weight, getattr(module, name).bias))
+
+    # FBGEMM packs on one thread (about 10 ns a weight) and lets go of the GIL: one packer per thread.
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        head = pool.submit(Float16Linear, wte, None)
+        list(pool.map(replace, places))
+        model.lm_head = head.result()
     for module in model.modules():  # layer norms and the position table: float32 from here on
         if isinstance(module, nn.LayerNorm) or module is model.transformer.wpe:
             module.float()
