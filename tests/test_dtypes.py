@@ -3,6 +3,8 @@ and on CPU the 16-bit weights' exact values in FBGEMM's float16 products."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -96,6 +98,11 @@ def test_cpu_16_bit_model_keeps_the_dtypes_values_with_float32_activations(check
     assert model.activation_dtype == torch.float32 and model.transformer.wpe.weight.dtype == torch.float32
     steps = list(generate(model, [[464, 3290]], 3, temperature=0))
     assert len(steps) == 3 and all(cache.k.dtype == torch.float32 for cache in model.kv_caches())
+    copied = copy.deepcopy(model)  # the packed weights are copied, not shared
+    assert copied.lm_head.packed is not model.lm_head.packed
+    ids = torch.tensor([[464, 3290, 318]])
+    with torch.inference_mode():
+        assert torch.equal(copied(ids), model(ids))
 
 
 @needs_fbgemm
