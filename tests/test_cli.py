@@ -152,6 +152,20 @@ def test_seed_quiet_is_reproducible_and_equals_library(cli, weights: Path, lib: 
     assert first == quiet_output(lib.samples(1, PROMPT, 16))
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16_bit_dtypes_print_what_the_library_generates(cli, weights: Path, legacy_dir: Path, lib: Library,
+                                                        dtype: str) -> None:
+    """`--dtype bfloat16|float16` on CPU (FBGEMM's float16 products, float32 activations) prints exactly the
+    samples of the same model loaded through the library; bfloat16's coarser weights change this sample
+    (float16's do not), which shows the flag took effect."""
+    out = ok(cli("--model", str(weights), "--text", PROMPT, "--seed", "1", "--quiet", "--length", "32",
+                 "--dtype", dtype, "--device", "cpu"))
+    model = Library(load_model(weights, dtype=getattr(torch, dtype)), get_encoder(legacy_dir))
+    assert out == quiet_output(model.samples(1, PROMPT, 32))
+    if dtype == "bfloat16":
+        assert out != quiet_output(lib.samples(1, PROMPT, 32))
+
+
 def test_non_quiet_layout(cli, weights: Path, lib: Library) -> None:
     out = ok(cli("--model", str(weights), "--text", PROMPT, "--seed", "1", "--length", "16"))
     header, rest = split_header(out)
