@@ -85,6 +85,11 @@ class Float16Linear(nn.Module):
         return torch.ops.quantized.linear_unpack_fp16(self.packed)
 
 
+def _within_float16(weight: Tensor) -> bool:
+    low, high = torch.aminmax(weight.detach())  # one pass, no temporary the size of the weight
+    return -FLOAT16_MAX <= float(low) and float(high) <= FLOAT16_MAX
+
+
 def float16_weights_for_cpu(model: GPT2LMHeadModel) -> bool:
     """Give a bfloat16 or float16 CPU model float32 activations and Float16Linear projections; in place.
 
@@ -98,8 +103,7 @@ def float16_weights_for_cpu(model: GPT2LMHeadModel) -> bool:
         return False
     places = [(module, name) for module in model.modules() for name, child in module.named_children()
               if isinstance(child, Linear)]  # (parent, attribute): no reference that would keep a weight alive
-    if any(float(getattr(module, name).weight.detach().abs().max()) > FLOAT16_MAX for module, name in places) \
-            or float(wte.detach().abs().max()) > FLOAT16_MAX:
+    if not all(_within_float16(getattr(module, name).weight) for module, name in places) or not _within_float16(wte):
         return False
 
     def replace(place: tuple[nn.Module, str]) -> None:  # the original weight is freed once its copy is made
