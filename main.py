@@ -261,7 +261,7 @@ def check_memory(model, prompts: list[Prompt], rows: int) -> None:
         return
     cfg = model.config
     slots = max(len(p.context) for p in prompts) + max(p.length for p in prompts)
-    cache = 2 * cfg.n_layer * cfg.n_embd * slots * weight.element_size()
+    cache = 2 * cfg.n_layer * cfg.n_embd * slots * model.activation_dtype.itemsize  # KV caches hold activations
     logits = 4 * cfg.vocab_size * 4  # float32 logits, filtered copy, probabilities, draw
     need = rows * (cache + logits)
     try:

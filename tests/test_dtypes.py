@@ -4,6 +4,7 @@ and on CPU the 16-bit weights' exact values in FBGEMM's float16 products."""
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -118,3 +119,24 @@ def test_weights_beyond_float16_range_keep_the_native_bfloat16_model(checkpoint,
     assert model.transformer.h[0].mlp.c_fc.weight[0, 0].item() == 70144.0  # 70000 in bfloat16
     with torch.inference_mode():
         assert model(torch.tensor([[464, 3290]])).dtype == torch.bfloat16
+
+
+@needs_fbgemm
+def test_cli_memory_check_counts_float32_kv_caches_of_a_16_bit_cpu_model(checkpoint, monkeypatch):
+    """main.py refuses a batch whose KV caches cannot fit: for a bfloat16 CPU model they are float32 (4 bytes
+    a value, not 2), so free memory just short of that need is refused."""
+    import main
+
+    model = load_model(checkpoint, dtype=torch.bfloat16)
+    cfg = model.config
+    prompts = [main.Prompt(0, "x", [464] * 100, 924)]
+    need = 8 * (2 * cfg.n_layer * cfg.n_embd * 1024 * 4 + 4 * cfg.vocab_size * 4)
+
+    def meminfo(free: int):
+        return lambda *args, **kwargs: io.StringIO(f"MemTotal: 1 kB\nMemAvailable: {free // 1024} kB\n")
+
+    monkeypatch.setattr(main, "open", meminfo(need - 1024), raising=False)
+    with pytest.raises(main.UsageError, match="--batch_size 8 needs about"):
+        main.check_memory(model, prompts, 8)
+    monkeypatch.setattr(main, "open", meminfo(need + 1024), raising=False)
+    main.check_memory(model, prompts, 8)
