@@ -40,13 +40,18 @@ class Int8Linear(nn.Module):
         return y.view(*x.shape[:-1], out_features)
 
 
+def _projection_places(model: GPT2LMHeadModel) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute name) of every block projection: no reference that would keep a weight alive
+    once the projection is replaced."""
+    return [(module, name) for module in model.modules() for name, child in module.named_children()
+            if isinstance(child, Linear)]
+
+
 def quantize_int8(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
     """Replace every block projection, and the tied LM head, by Int8Linear; in place."""
     dtype = model.transformer.wte.weight.dtype
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, Linear):
-                setattr(module, name, Int8Linear(child.weight, child.bias, dtype))
+    for module, name in _projection_places(model):
+        setattr(module, name, Int8Linear(getattr(module, name).weight, getattr(module, name).bias, dtype))
     # The embedding keeps its full-precision rows for lookups; the head gets its own int8 copy.
     model.lm_head = Int8Linear(model.transformer.wte.weight, None, dtype)
     return model
@@ -101,8 +106,7 @@ def float16_weights_for_cpu(model: GPT2LMHeadModel) -> bool:
     wte = model.transformer.wte.weight
     if wte.device.type != "cpu" or wte.dtype not in (torch.bfloat16, torch.float16) or not float16_kernel_available():
         return False
-    places = [(module, name) for module in model.modules() for name, child in module.named_children()
-              if isinstance(child, Linear)]  # (parent, attribute): no reference that would keep a weight alive
+    places = _projection_places(model)
     if not all(_within_float16(getattr(module, name).weight) for module, name in places) or not _within_float16(wte):
         return False
 

@@ -69,11 +69,17 @@ def draw_one(probs: Tensor) -> Tensor:
     device or dtype, many candidates, a u of exactly 0, probabilities torch would refuse) is left to
     torch.multinomial itself, from the same generator state.
     """
-    if probs.device.type != "cpu" or probs.dtype != torch.float32 or probs.dim() != 2 or not probs.is_contiguous():
-        return torch.multinomial(probs, 1).squeeze(1)
+    drawn = None
+    if probs.device.type == "cpu" and probs.dtype == torch.float32 and probs.dim() == 2 and probs.is_contiguous():
+        drawn = _draw_at_nonzero_entries(probs)
+    return torch.multinomial(probs, 1).squeeze(1) if drawn is None else drawn
+
+
+def _draw_at_nonzero_entries(probs: Tensor) -> Tensor | None:
+    """draw_one's own draw, or None (the generator untouched) where torch.multinomial must draw instead."""
     candidates = probs.nonzero()  # (n, 2): row and column of each nonzero entry, in memory order
     if candidates.size(0) > DRAW_MAX_CANDIDATES:
-        return torch.multinomial(probs, 1).squeeze(1)
+        return None
     state = torch.default_generator.get_state()
     low_bits = torch.empty(probs.shape, dtype=torch.int64).random_().bitwise_and_(_LOW_53_BITS)  # (B, vocab)
     rows, columns = candidates.unbind(1)
@@ -82,7 +88,7 @@ def draw_one(probs: Tensor) -> Tensor:
     has_candidate = torch.zeros(batch, dtype=torch.bool).index_fill_(0, rows, True)  # (B,)
     if int(low_bits.min()) == 0 or not bool((p > 0).all() & p.isfinite().all() & has_candidate.all()):
         torch.default_generator.set_state(state)  # u = 0 (q = 0: NaN or inf ratios), or input torch refuses
-        return torch.multinomial(probs, 1).squeeze(1)
+        return None
     q = torch.tensor([-math.log1p(-(bits / 2**53)) for bits in low_bits[rows, columns].tolist()],
                      dtype=torch.float64).float()  # (n,) rounded to float as exponential_ rounds its double
     ratio = p / q  # (n,)
