@@ -258,6 +258,18 @@ class GPT2LMHeadModel(nn.Module):
         slot, masked, so that every step has the same shapes and no host-side numbers (what a CUDA graph
         replays, gpt2.cuda_graph).
         """
+        x = self.hidden_states(idx, start, position_ids, key_valid)
+        if last_only:
+            x = x[:, -1:]
+        x = self.transformer.ln_f(x)
+        if self.lm_head is not None:
+            return self.lm_head(x)  # (B, T, vocab)
+        return linear(x, self.transformer.wte.weight)  # tied LM head: (B, T, vocab)
+
+    def hidden_states(self, idx: Tensor, start: int | Tensor = 0, position_ids: Tensor | None = None,
+                      key_valid: Tensor | None = None) -> Tensor:
+        """The last block's output (B, T, n_embd), before ln_f, with forward()'s arguments. With caches set
+        up, this is how a part of a prompt that needs no logits fills them."""
         B, T = idx.shape
         device = idx.device
         if position_ids is None:
@@ -267,12 +279,7 @@ class GPT2LMHeadModel(nn.Module):
         mask = self._attention_mask(start, T, keys, key_valid, device)
         for block in self.transformer.h:
             x = block(x, start, mask)
-        if last_only:
-            x = x[:, -1:]
-        x = self.transformer.ln_f(x)
-        if self.lm_head is not None:
-            return self.lm_head(x)  # (B, T, vocab)
-        return linear(x, self.transformer.wte.weight)  # tied LM head: (B, T, vocab)
+        return x
 
     @staticmethod
     def _attention_mask(start: int | Tensor, T: int, keys: int, key_valid: Tensor | None,
@@ -282,8 +289,10 @@ class GPT2LMHeadModel(nn.Module):
             return None
         query_slot = (start + torch.arange(T, device=device)).unsqueeze(1)  # (T, 1)
         key_slot = torch.arange(keys, device=device).unsqueeze(0)  # (1, keys)
-        mask = key_slot <= query_slot  # (T, keys)
+        mask = (key_slot <= query_slot).unsqueeze(0)  # (1, T, keys)
         if key_valid is not None:
             # A padding slot still sees itself, so that no row of the softmax is empty (NaN).
             mask = mask & (key_valid[:, None, :keys] | (key_slot == query_slot))  # (B, T, keys)
-        return mask.unsqueeze(-3)  # (B or 1, 1, T, keys)
+        # Four dimensions: SDPA's fused CPU kernel takes no three-dimensional mask (it falls back to a
+        # slower path that materialises the attention weights).
+        return mask.unsqueeze(1)  # (B or 1, 1, T, keys)

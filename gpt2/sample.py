@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gpt2.heap import return_free_memory
-from gpt2.model import GPT2LMHeadModel
+from gpt2.model import PIECE_ROWS, GPT2LMHeadModel
 
 
 def top_k_logits(logits: Tensor, k: int) -> Tensor:
@@ -99,6 +99,8 @@ def _draw_at_nonzero_entries(probs: Tensor) -> Tensor | None:
     return columns[first]
 
 
+PREFILL_ROWS = PIECE_ROWS  # see _prefill
+
 # One decode step: (token (B,), slot, position (B, 1) or None, key_valid or None) -> next logits (B, vocab).
 DecodeStep = Callable[[Tensor, int, Tensor | None, Tensor | None], Tensor]
 
@@ -166,7 +168,21 @@ def generate(model: GPT2LMHeadModel, prompts: Sequence[Sequence[int]], max_new_t
 @torch.inference_mode()
 def _prefill(model: GPT2LMHeadModel, idx: Tensor, position_ids: Tensor | None,
              key_valid: Tensor | None) -> Tensor:
-    return model(idx, 0, position_ids, key_valid, last_only=True)[:, -1]  # (B, vocab)
+    """Next-token logits (B, vocab) after the prompts idx (B, T), filling the KV caches on the way.
+
+    On CPU the prompts go through the model PREFILL_ROWS rows (batch x tokens) at a time: their products
+    run in pieces of that many rows anyway (gpt2.model.row_pieces), so it costs next to nothing, and the
+    transient buffers of a long prompt or a large batch stay those of one chunk. The caches carry the
+    rest from one chunk to the next. A GPU runs the whole prompt at once, which uses it better.
+    """
+    B, T = idx.shape
+    chunk = T if idx.device.type != "cpu" else max(1, PREFILL_ROWS // B)
+    for start in range(0, T - chunk, chunk):  # every chunk but the last: keys and values only
+        positions = None if position_ids is None else position_ids[:, start:start + chunk]
+        model.hidden_states(idx[:, start:start + chunk], start, positions, key_valid)
+    start = (T - 1) // chunk * chunk
+    positions = None if position_ids is None else position_ids[:, start:]
+    return model(idx[:, start:], start, positions, key_valid, last_only=True)[:, -1]  # (B, vocab)
 
 
 @torch.inference_mode()

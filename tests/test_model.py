@@ -226,6 +226,25 @@ def test_padding_mask_is_causal_hides_padding_and_never_empties_a_row(start, T):
                 assert row == [pads[b] <= k <= q for k in range(end)], (b, q)
 
 
+
+def test_a_later_chunk_of_a_prompt_runs_the_fused_attention_kernel(small_pair):
+    """A prompt's chunk after the first (start > 0, T > 1) needs an explicit causal mask. It must be
+    one SDPA's fused CPU kernel takes (four dimensions), not one that makes it materialise the attention
+    weights (softmax of a (T, keys) matrix per head: slower, and a transient the size of the window)."""
+    _, model = small_pair
+    ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(3))
+    model.setup_caches(1, 12)
+    try:
+        with torch.inference_mode():
+            model.hidden_states(ids[:, :5])
+            with torch.profiler.profile() as prof:
+                model.hidden_states(ids[:, 5:], start=5)
+    finally:
+        model.clear_caches()
+    ops = {event.key for event in prof.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
+    assert "aten::_softmax" not in ops
+
 # ---------------------------------------------------------------------------------------------------
 # the oneDNN products used on CPU, and construction
 
