@@ -3,8 +3,9 @@
 Builds a random-initialised GPT-2 (124M by default, or a smaller shape for a quick look), then runs
 --prompts prompts, each filled to the full window (prompt + new tokens = n_ctx), through the same
 generation loop the CLI uses, and prints the process's RSS after each. Peak RSS should stay flat after
-the first prompt: the KV caches are allocated once and reused, oneDNN sees a bounded set of shapes, and
-each generation hands the heap's free pages back to the system (gpt2.heap).
+the first prompt: the KV caches are allocated once and reused, a prompt's transient buffers are those of
+one 512-row chunk (gpt2.sample._prefill), oneDNN sees a bounded set of shapes, and each generation hands
+the heap's free pages back to the system (gpt2.heap). --batch-size shows what the chunks save.
 
     python scripts/soak.py                 # 100 prompts, 124M, 993-1000-token prompts + 24-31 new tokens
     python scripts/soak.py --prompts 10 --n-layer 2
