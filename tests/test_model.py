@@ -226,7 +226,6 @@ def test_padding_mask_is_causal_hides_padding_and_never_empties_a_row(start, T):
                 assert row == [pads[b] <= k <= q for k in range(end)], (b, q)
 
 
-
 def test_a_later_chunk_of_a_prompt_runs_the_fused_attention_kernel(small_pair):
     """A prompt's chunk after the first (start > 0, T > 1) needs an explicit causal mask. It must be
     one SDPA's fused CPU kernel takes (four dimensions), not one that makes it materialise the attention
@@ -244,6 +243,7 @@ def test_a_later_chunk_of_a_prompt_runs_the_fused_attention_kernel(small_pair):
     ops = {event.key for event in prof.key_averages()}
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
     assert "aten::_softmax" not in ops
+
 
 # ---------------------------------------------------------------------------------------------------
 # the oneDNN products used on CPU, and construction

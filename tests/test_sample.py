@@ -175,48 +175,6 @@ def test_124m_shape_matches_transformers_within_30s(hf_124m, legacy_dir):
 # generate(): prompts of different lengths, end-of-text, the context window
 
 
-# ---------------------------------------------------------------------------------------------------
-# a prompt in chunks (gpt2.sample._prefill on CPU)
-
-
-@pytest.mark.parametrize("rows", [1, 5, 16, 35])
-def test_prompt_in_chunks_equals_the_prompt_at_once(pair, monkeypatch, rows):
-    """However few rows a chunk holds (1: one token of one row at a time), the first logits and every
-    cached key equal those of one pass, for left-padded prompts of mixed lengths."""
-    _, ours = pair
-    gen = torch.Generator().manual_seed(31)
-    lengths = (7, 12, 3)
-    idx = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
-    key_valid = torch.zeros(len(lengths), max(lengths) + 1, dtype=torch.bool)
-    for row, n in enumerate(lengths):
-        idx[row, -n:] = torch.randint(0, 50000, (n,), generator=gen)
-        key_valid[row, -n - 1:] = True
-    position_ids = (key_valid[:, :-1].long().cumsum(1) - 1).clamp(min=0)
-
-    def first_logits_and_keys(prefill_rows: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        monkeypatch.setattr(gpt2.sample, "PREFILL_ROWS", prefill_rows)
-        ours.setup_caches(len(lengths), max(lengths) + 1)
-        try:
-            logits = gpt2.sample._prefill(ours, idx, position_ids, key_valid)
-            return logits, [cache.k[:, :, : max(lengths)].clone() for cache in ours.kv_caches()]
-        finally:
-            ours.clear_caches()
-
-    at_once, keys_at_once = first_logits_and_keys(10**6)
-    chunked, keys_chunked = first_logits_and_keys(rows)
-    assert (at_once - chunked).abs().max().item() < 1e-5
-    for block, (a, b) in enumerate(zip(keys_at_once, keys_chunked)):
-        assert (a - b).abs().max().item() < 1e-5, f"block {block}"
-
-
-def test_sampling_with_the_prompt_in_chunks_matches_transformers_generate(pair, monkeypatch):
-    hf, ours = pair
-    monkeypatch.setattr(gpt2.sample, "PREFILL_ROWS", 8)  # the 10-token prompt in chunks of 4, 4 and 2 per row
-    mine = ours_sample(ours, 99, 64, 2, top_k=40, temperature=0.7)
-    theirs = hf_sample(hf, 99, 64, 2, do_sample=True, top_k=40, temperature=0.7)
-    assert_same_tokens(mine, theirs)
-
-
 def greedy(model, prompts, steps, **kwargs) -> torch.Tensor:
     return torch.stack(list(generate(model, prompts, steps, temperature=0.0, **kwargs)), dim=1)  # (B, steps)
 
@@ -292,6 +250,49 @@ def test_generate_rejects_empty_prompts_and_yields_nothing_for_zero_tokens(pair)
         list(generate(ours, [], 4))
     assert list(generate(ours, [[1, 2]], 0)) == []
     assert all(block.attn.kv_cache is None for block in ours.transformer.h)
+
+
+# ---------------------------------------------------------------------------------------------------
+# a prompt in chunks (gpt2.sample._prefill on CPU)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 35])
+def test_prompt_in_chunks_equals_the_prompt_at_once(pair, monkeypatch, rows):
+    """However few rows a chunk holds (1: one token of one row at a time), the first logits and every
+    cached key and value equal those of one pass, for left-padded prompts of mixed lengths."""
+    _, ours = pair
+    gen = torch.Generator().manual_seed(31)
+    lengths = (7, 12, 3)
+    idx = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    key_valid = torch.zeros(len(lengths), max(lengths) + 1, dtype=torch.bool)
+    for row, n in enumerate(lengths):
+        idx[row, -n:] = torch.randint(0, 50000, (n,), generator=gen)
+        key_valid[row, -n - 1:] = True
+    position_ids = (key_valid[:, :-1].long().cumsum(1) - 1).clamp(min=0)
+
+    def first_logits_and_cache(prefill_rows: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        monkeypatch.setattr(gpt2.sample, "PREFILL_ROWS", prefill_rows)
+        ours.setup_caches(len(lengths), max(lengths) + 1)
+        try:
+            logits = gpt2.sample._prefill(ours, idx, position_ids, key_valid)
+            return logits, [torch.stack([cache.k, cache.v])[..., : max(lengths), :].clone()
+                            for cache in ours.kv_caches()]
+        finally:
+            ours.clear_caches()
+
+    at_once, cached_at_once = first_logits_and_cache(10**6)
+    chunked, cached_chunked = first_logits_and_cache(rows)
+    assert (at_once - chunked).abs().max().item() < 1e-5
+    for block, (a, b) in enumerate(zip(cached_at_once, cached_chunked)):
+        assert (a - b).abs().max().item() < 1e-5, f"block {block}"
+
+
+def test_sampling_with_the_prompt_in_chunks_matches_transformers_generate(pair, monkeypatch):
+    hf, ours = pair
+    monkeypatch.setattr(gpt2.sample, "PREFILL_ROWS", 8)  # the 10-token prompt in chunks of 4, 4 and 2 per row
+    mine = ours_sample(ours, 99, 64, 2, top_k=40, temperature=0.7)
+    theirs = hf_sample(hf, 99, 64, 2, do_sample=True, top_k=40, temperature=0.7)
+    assert_same_tokens(mine, theirs)
 
 
 # ---------------------------------------------------------------------------------------------------
