@@ -99,8 +99,6 @@ def _draw_at_nonzero_entries(probs: Tensor) -> Tensor | None:
     return columns[first]
 
 
-PREFILL_ROWS = PIECE_ROWS  # see _prefill
-
 # One decode step: (token (B,), slot, position (B, 1) or None, key_valid or None) -> next logits (B, vocab).
 DecodeStep = Callable[[Tensor, int, Tensor | None, Tensor | None], Tensor]
 
@@ -170,13 +168,13 @@ def _prefill(model: GPT2LMHeadModel, idx: Tensor, position_ids: Tensor | None,
              key_valid: Tensor | None) -> Tensor:
     """Next-token logits (B, vocab) after the prompts idx (B, T), filling the KV caches on the way.
 
-    On CPU the prompts go through the model PREFILL_ROWS rows (batch x tokens) at a time: their products
+    On CPU the prompts go through the model PIECE_ROWS rows (batch x tokens) at a time: their products
     run in pieces of that many rows anyway (gpt2.model.row_pieces), so it costs next to nothing, and the
     transient buffers of a long prompt or a large batch stay those of one chunk. The caches carry the
     rest from one chunk to the next. A GPU runs the whole prompt at once, which uses it better.
     """
     B, T = idx.shape
-    chunk = T if idx.device.type != "cpu" else max(1, PREFILL_ROWS // B)
+    chunk = T if idx.device.type != "cpu" else max(1, PIECE_ROWS // B)
     for start in range(0, T - chunk, chunk):  # every chunk but the last: keys and values only
         positions = None if position_ids is None else position_ids[:, start:start + chunk]
         model.hidden_states(idx[:, start:start + chunk], start, positions, key_valid)

@@ -256,8 +256,8 @@ def test_generate_rejects_empty_prompts_and_yields_nothing_for_zero_tokens(pair)
 # a prompt in chunks (gpt2.sample._prefill on CPU)
 
 
-@pytest.mark.parametrize("rows", [1, 5, 16, 35])
-def test_prompt_in_chunks_equals_the_prompt_at_once(pair, monkeypatch, rows):
+@pytest.mark.parametrize("rows, chunks", [(1, [1] * 12), (6, [2] * 6), (16, [5, 5, 2]), (35, [11, 1])])
+def test_prompt_in_chunks_equals_the_prompt_at_once(pair, monkeypatch, rows, chunks):
     """However few rows a chunk holds (1: one token of one row at a time), the first logits and every
     cached key and value equal those of one pass, for left-padded prompts of mixed lengths."""
     _, ours = pair
@@ -270,8 +270,17 @@ def test_prompt_in_chunks_equals_the_prompt_at_once(pair, monkeypatch, rows):
         key_valid[row, -n - 1:] = True
     position_ids = (key_valid[:, :-1].long().cumsum(1) - 1).clamp(min=0)
 
+    chunk_lengths = []
+    hidden_states = ours.hidden_states
+
+    def spy(ids, *args, **kwargs):
+        chunk_lengths.append(ids.size(1))
+        return hidden_states(ids, *args, **kwargs)
+
     def first_logits_and_cache(prefill_rows: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        monkeypatch.setattr(gpt2.sample, "PREFILL_ROWS", prefill_rows)
+        monkeypatch.setattr(gpt2.sample, "PIECE_ROWS", prefill_rows)
+        monkeypatch.setattr(ours, "hidden_states", spy)
+        chunk_lengths.clear()
         ours.setup_caches(len(lengths), max(lengths) + 1)
         try:
             logits = gpt2.sample._prefill(ours, idx, position_ids, key_valid)
@@ -279,9 +288,12 @@ def test_prompt_in_chunks_equals_the_prompt_at_once(pair, monkeypatch, rows):
                             for cache in ours.kv_caches()]
         finally:
             ours.clear_caches()
+            monkeypatch.undo()
 
     at_once, cached_at_once = first_logits_and_cache(10**6)
+    assert chunk_lengths == [12]
     chunked, cached_chunked = first_logits_and_cache(rows)
+    assert chunk_lengths == chunks  # tokens of each of the 3 rows per chunk: about `rows` rows in all
     assert (at_once - chunked).abs().max().item() < 1e-5
     for block, (a, b) in enumerate(zip(cached_at_once, cached_chunked)):
         assert (a - b).abs().max().item() < 1e-5, f"block {block}"
@@ -289,7 +301,7 @@ def test_prompt_in_chunks_equals_the_prompt_at_once(pair, monkeypatch, rows):
 
 def test_sampling_with_the_prompt_in_chunks_matches_transformers_generate(pair, monkeypatch):
     hf, ours = pair
-    monkeypatch.setattr(gpt2.sample, "PREFILL_ROWS", 8)  # the 10-token prompt in chunks of 4, 4 and 2 per row
+    monkeypatch.setattr(gpt2.sample, "PIECE_ROWS", 8)  # the 10-token prompt in chunks of 4, 4 and 2 per row
     mine = ours_sample(ours, 99, 64, 2, top_k=40, temperature=0.7)
     theirs = hf_sample(hf, 99, 64, 2, do_sample=True, top_k=40, temperature=0.7)
     assert_same_tokens(mine, theirs)
