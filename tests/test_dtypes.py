@@ -8,11 +8,12 @@ import io
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from gpt2.checkpoint import load_model
 from gpt2.model import Linear
-from gpt2.quantize import Float16Linear, float16_kernel_available
+from gpt2.quantize import Float16Linear, Int8Linear, float16_kernel_available
 from gpt2.sample import generate
 
 # Documented in the README: max |logit error| relative to the largest |float32 logit|.
@@ -67,6 +68,21 @@ def test_int8_weights_are_int8_and_generation_runs(checkpoint):
     assert model.lm_head.weight.dtype == torch.int8
     steps = list(generate(model, [[464, 3290], [40]], 5, temperature=0))
     assert len(steps) == 5 and all(step.shape == (2,) for step in steps)
+
+
+def test_int8_widened_weight_gives_the_int8_kernels_product():
+    """What a GPU runs (Int8Linear.dequantized in a 16-bit product) against the CPU's int8 kernel."""
+    torch.manual_seed(0)
+    weight, bias, x = torch.randn(96, 64) * 0.1, torch.randn(96) * 0.1, torch.randn(3, 5, 64, dtype=torch.bfloat16)
+    layer = Int8Linear(weight, bias, torch.bfloat16)
+    widened = layer.dequantized()
+    assert widened.dtype == torch.bfloat16 and widened.shape == weight.shape
+    exact = layer.weight.float() * layer.scales.float()[:, None]  # int8 values times their row's scale
+    assert ((widened.float() - exact).abs() <= exact.abs() * 2**-8).all()  # rounded once, to bfloat16
+    kernel = layer(x).float()  # torch._weight_int8pack_mm
+    product = (F.linear(x, widened) + layer.bias).float()
+    assert kernel.shape == (3, 5, 96)
+    assert (product - kernel).abs().max() <= 0.02 * kernel.abs().max()
 
 
 def _assert_stored_as(stored: torch.Tensor, original: torch.Tensor, dtype: torch.dtype) -> None:
