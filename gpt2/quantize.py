@@ -24,7 +24,8 @@ class Int8Linear(nn.Module):
     Activations stay in the model's dtype (bfloat16 is fastest). On CPU `torch._weight_int8pack_mm`
     reads a quarter of the bytes of float32 weights. Elsewhere each product widens its weight first
     (`dequantized`): torch's GPU kernel for int8 weights ran several times slower than a 16-bit product
-    on an H100, so there int8 saves memory, not time.
+    on an H100. There int8 stores smaller weights but is no faster than 16 bits, and each product
+    briefly holds its widened weight.
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> None:
