@@ -39,12 +39,12 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out_features = self.weight.size(0)
         rows = x.reshape(-1, x.size(-1))  # (rows, in)
-        if x.device.type == "cpu":
-            y = torch._weight_int8pack_mm(rows, self.weight, self.scales)  # (rows, out)
+        if x.device.type != "cpu":
+            y = F.linear(rows, self.dequantized(), self.bias)  # (rows, out), the bias added in the product
         else:
-            y = F.linear(rows, self.dequantized())  # (rows, out)
-        if self.bias is not None:
-            y = y + self.bias
+            y = torch._weight_int8pack_mm(rows, self.weight, self.scales)  # (rows, out)
+            if self.bias is not None:
+                y = y + self.bias
         return y.view(*x.shape[:-1], out_features)
 
     def dequantized(self) -> Tensor:

@@ -80,7 +80,7 @@ def test_int8_widened_weight_gives_the_int8_kernels_product():
     exact = layer.weight.float() * layer.scales.float()[:, None]  # int8 values times their row's scale
     assert ((widened.float() - exact).abs() <= exact.abs() * 2**-8).all()  # rounded once, to bfloat16
     kernel = layer(x).float()  # torch._weight_int8pack_mm
-    product = (F.linear(x, widened) + layer.bias).float()
+    product = F.linear(x, widened, layer.bias).float()  # the GPU branch of Int8Linear.forward
     assert kernel.shape == (3, 5, 96)
     assert (product - kernel).abs().max() <= 0.02 * kernel.abs().max()
 
