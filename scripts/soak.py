@@ -69,7 +69,7 @@ def main() -> int:
               flush=True)
     growth = peak_rss_mib() - first_peak
     print(f"{args.prompts} prompts in {time.perf_counter() - start:.0f} s; peak RSS after the first prompt "
-          f"{first_peak:.0f} MiB, at the end {peak_rss_mib():.0f} MiB (growth {growth:.0f} MiB)")
+          f"{first_peak:.0f} MiB, at the end {peak_rss_mib():.0f} MiB (growth {growth:.1f} MiB)")
     return 0
 
 

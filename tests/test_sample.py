@@ -252,6 +252,22 @@ def test_generate_rejects_empty_prompts_and_yields_nothing_for_zero_tokens(pair)
     assert all(block.attn.kv_cache is None for block in ours.transformer.h)
 
 
+@pytest.mark.parametrize("top_k", [40, 0])
+def test_the_warm_up_leaves_tokens_and_generator_as_they_were(pair, top_k):
+    """A model's first generation at a batch size on CPU runs a warm-up generation first
+    (gpt2.sample._warm_up): the same seed must still give transformers' tokens, and leave the generator
+    where a later generation at that batch size leaves it."""
+    hf, loaded = pair
+    ours = copy.deepcopy(loaded)  # has not generated yet
+    for batch in (2, 2, 3):
+        first = batch not in gpt2.sample._WARM_BATCH_SIZES.get(ours, set())
+        tokens = ours_sample(ours, 11, 6, batch, temperature=0.9, top_k=top_k)
+        state = torch.default_generator.get_state()
+        assert batch in gpt2.sample._WARM_BATCH_SIZES[ours]
+        assert_same_tokens(tokens, hf_sample(hf, 11, 6, batch, do_sample=True, temperature=0.9, top_k=top_k))
+        assert torch.equal(state, torch.default_generator.get_state()), f"batch {batch}, first: {first}"
+
+
 # ---------------------------------------------------------------------------------------------------
 # a prompt in chunks (gpt2.sample._prefill on CPU)
 
