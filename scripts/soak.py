@@ -4,8 +4,10 @@ Builds a random-initialised GPT-2 (124M by default, or a smaller shape for a qui
 --prompts prompts, each filled to the full window (prompt + new tokens = n_ctx), through the same
 generation loop the CLI uses, and prints the process's RSS after each. Peak RSS should stay flat after
 the first prompt: the KV caches are allocated once and reused, a prompt's transient buffers are those of
-one 512-row chunk (gpt2.sample._prefill), oneDNN sees a bounded set of shapes, and each generation hands
-the heap's free pages back to the system (gpt2.heap). --batch-size shows what the chunks save.
+one 512-row chunk (gpt2.sample._prefill), oneDNN sees a bounded set of shapes, a warm-up before the first
+generation makes what a first decode step keeps for good (gpt2.sample._warm_up), glibc's malloc
+thresholds are fixed (gpt2.heap.fix_malloc_thresholds), and each generation hands the heap's free pages
+back to the system. --batch-size shows what the chunks save.
 
     python scripts/soak.py                 # 100 prompts, 124M, 993-1000-token prompts + 24-31 new tokens
     python scripts/soak.py --prompts 10 --n-layer 2
@@ -65,7 +67,7 @@ def main() -> int:
         steps = sum(1 for _ in generate(model, prompts, n_ctx - prompt_len, 0.7, 40))
         if first_peak is None:
             first_peak = peak_rss_mib()
-        print(f"prompt {i + 1}: {prompt_len}+{steps} tokens, rss {rss_mib():.0f} MiB, peak {peak_rss_mib():.0f} MiB",
+        print(f"prompt {i + 1}: {prompt_len}+{steps} tokens, rss {rss_mib():.0f} MiB, peak {peak_rss_mib():.1f} MiB",
               flush=True)
     growth = peak_rss_mib() - first_peak
     print(f"{args.prompts} prompts in {time.perf_counter() - start:.0f} s; peak RSS after the first prompt "
