@@ -1,11 +1,13 @@
 """Hand the heap's free memory back to the system, and keep a long run's peak flat: glibc only.
 
-Two callers. Packing the weights (GPT2LMHeadModel.pack_weights) makes a copy of each and frees the
-original; glibc keeps the freed chunks in its heap (its mmap threshold rises with every large free) and
-the packed copies do not reuse them, so without a trim the load peak held the float32 weights twice (about
-930 MiB instead of 770 for 124M). And each generation (gpt2.sample.generate) ends with one: a long
-prompt's transient buffers otherwise stay in the heap, fragmented, and over many prompts in one process
-the peak RSS crept up by 27 MiB (scripts/soak.py; within 0–6 MiB with the trim).
+return_free_memory has two callers. Packing the weights (GPT2LMHeadModel.pack_weights) makes a copy of
+each and frees the original; glibc keeps the freed chunks in its heap (its mmap threshold rises with
+every large free) and the packed copies do not reuse them, so without a trim the load peak held the
+float32 weights twice (about 930 MiB instead of 770 for 124M). And each generation
+(gpt2.sample.generate) ends with one: a long prompt's transient buffers otherwise stay in the heap,
+fragmented, and over many prompts in one process the peak RSS crept up by 27 MiB (scripts/soak.py;
+within 0–6 MiB with the trim). fix_malloc_thresholds, called before a model's first generation
+(gpt2.sample._warm_up), takes out most of the rest.
 """
 
 from __future__ import annotations
