@@ -20,12 +20,12 @@ ships the same data as vocab.json and merges.txt. get_encoder() reads either pai
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import operator
 import os
 from collections.abc import Sequence
-from functools import lru_cache
 from pathlib import Path
 
 import regex
@@ -46,7 +46,7 @@ _SPLIT = regex.compile(GPT2_PATTERN)
 _SURROGATE = regex.compile(r"[\ud800-\udfff]")
 
 
-@lru_cache
+@functools.lru_cache
 def bytes_to_unicode() -> dict[int, str]:
     """
     Map every byte 0..255 to a unicode character that is printable and not whitespace.
@@ -147,6 +147,12 @@ class Encoder:
                 blobs = [self._piece_bytes(p) for p in pieces]
             self._id_bytes_table = dict(zip(ids, blobs))
         return self._id_bytes_table
+
+    @functools.cached_property
+    def longest_token_bytes(self) -> int:
+        """The most bytes one token stands for (one stand-in character per byte): a bound on how much
+        text a window of n tokens can hold."""
+        return max(len(piece) for piece in self.encoder)
 
     def _piece_bytes(self, piece: str) -> bytes:
         """The raw bytes a vocabulary piece stands for ('Ġthe' -> b' the')."""

@@ -1,24 +1,23 @@
 """Sampling: logit filters, the next-token draw, and the prefill/decode generation loop.
 
 The draw follows graykode (and transformers' `generate`): logits / temperature, top-k, then top-p,
-softmax, one `torch.multinomial` over the full vocabulary per step from the global generator, so that
-a given `torch.manual_seed` yields the same tokens as `generate(do_sample=True)`. On CPU that draw is
-computed by `draw_one`, the same numbers for a fifth of the work.
+softmax, one `torch.multinomial` over the full vocabulary per step, from the global generator unless one
+is given, so that a given `torch.manual_seed` yields the same tokens as `generate(do_sample=True)`. On
+CPU that draw is computed by `draw_one`, the same numbers for a fifth of the work.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gpt2.heap import fix_malloc_thresholds, return_free_memory
-from gpt2.model import PIECE_ROWS, GPT2LMHeadModel
+from gpt2.kernels import PIECE_ROWS
+from gpt2.model import GPT2LMHeadModel
 
 
 def top_k_logits(logits: Tensor, k: int) -> Tensor:
@@ -41,8 +40,10 @@ def top_p_logits(logits: Tensor, p: float) -> Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def next_token(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
-    """One token per row (B,) from last-position logits (B, vocab); temperature 0 is greedy."""
+def next_token(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               generator: torch.Generator | None = None) -> Tensor:
+    """One token per row (B,) from last-position logits (B, vocab); temperature 0 is greedy. The draw
+    comes from `generator`, or torch's global generator when None."""
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -50,7 +51,7 @@ def next_token(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: 
     if not bool(torch.isfinite(scaled.amax(dim=-1)).all()):  # a temperature so near 0 that it overflows:
         return logits.argmax(dim=-1)  # the limit of sampling as temperature -> 0 is the greedy choice
     logits = top_p_logits(top_k_logits(scaled, top_k), top_p)
-    return draw_one(F.softmax(logits, dim=-1))
+    return draw_one(F.softmax(logits, dim=-1), generator)
 
 
 _LOW_53_BITS = (1 << 53) - 1
@@ -58,37 +59,56 @@ _LOW_53_BITS = (1 << 53) - 1
 DRAW_MAX_CANDIDATES = 4096
 
 
-def draw_one(probs: Tensor) -> Tensor:
-    """torch.multinomial(probs, 1).squeeze(1): the same token per row (B,), the generator left in the same
-    state, in a fraction of the time on CPU when few probabilities are nonzero (top-k or top-p sampling).
+def draw_one(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """torch.multinomial(probs, 1, generator=generator).squeeze(1): the same token per row (B,), the
+    generator left in the same state, in a fraction of the time on CPU when few probabilities are nonzero
+    (top-k or top-p sampling).
 
     For one sample torch takes argmax(probs / q) with q ~ Exp(1) for *every* entry: exponential_ turns two
-    32-bit draws of the generator per entry into u = (their low 53 bits) / 2**53 and q = -log1p(-u), in double,
-    one entry after another (about 1.2 ms per 50257-entry row on the CPU this was tuned on). Only entries
-    with a probability above 0 can win, so this draws the same 64-bit numbers with random_ (a fifth of the
-    time) and computes q only there, with the C library's log1p, as torch does. Anything else (another
-    device or dtype, many candidates, a u of exactly 0, probabilities torch would refuse) is left to
-    torch.multinomial itself, from the same generator state.
+    32-bit draws of the generator per entry into u = (their low 53 bits) / 2**53 and q = -log1p(-u), in
+    double, one entry after another. Only entries with a probability above 0 can win, so this draws the
+    same 64-bit numbers with random_ (a fifth of the time) and computes q only there, with the C library's
+    log1p, as torch does. Torch versions that draw otherwise (before 2.7 its CPU sampler used MKL) are
+    caught by a check, once per process, that falls back to torch.multinomial (draw_one_matches_torch).
+    Anything else (another device or dtype, many candidates, a u of exactly 0, probabilities torch would
+    refuse) is left to torch.multinomial itself, from the same generator state.
     """
     drawn = None
-    if probs.device.type == "cpu" and probs.dtype == torch.float32 and probs.dim() == 2 and probs.is_contiguous():
-        drawn = _draw_at_nonzero_entries(probs)
-    return torch.multinomial(probs, 1).squeeze(1) if drawn is None else drawn
+    if (probs.device.type == "cpu" and probs.dtype == torch.float32 and probs.dim() == 2 and probs.is_contiguous()
+            and draw_one_matches_torch()):
+        drawn = _draw_at_nonzero_entries(probs, generator)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1) if drawn is None else drawn
 
 
-def _draw_at_nonzero_entries(probs: Tensor) -> Tensor | None:
+@functools.cache
+def draw_one_matches_torch() -> bool:
+    """Whether _draw_at_nonzero_entries draws what this torch's multinomial draws: a few top-k draws on
+    a generator of its own (no global state is touched), once per process."""
+    logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(1))
+    probs = F.softmax(top_k_logits(logits, 40), dim=-1)
+    ours, theirs = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    for _ in range(4):
+        drawn = _draw_at_nonzero_entries(probs, ours)
+        if drawn is None or not torch.equal(drawn, torch.multinomial(probs, 1, generator=theirs).squeeze(1)):
+            return False
+    return torch.equal(ours.get_state(), theirs.get_state())
+
+
+def _draw_at_nonzero_entries(probs: Tensor, generator: torch.Generator | None = None) -> Tensor | None:
     """draw_one's own draw, or None (the generator untouched) where torch.multinomial must draw instead."""
     candidates = probs.nonzero()  # (n, 2): row and column of each nonzero entry, in memory order
     if candidates.size(0) > DRAW_MAX_CANDIDATES:
         return None
-    state = torch.default_generator.get_state()
-    low_bits = torch.empty(probs.shape, dtype=torch.int64).random_().bitwise_and_(_LOW_53_BITS)  # (B, vocab)
+    source = torch.default_generator if generator is None else generator
+    state = source.get_state()
+    low_bits = torch.empty(probs.shape, dtype=torch.int64).random_(generator=source)  # (B, vocab)
+    low_bits.bitwise_and_(_LOW_53_BITS)
     rows, columns = candidates.unbind(1)
     p = probs[rows, columns]  # (n,)
     batch, n = probs.size(0), p.numel()
     has_candidate = torch.zeros(batch, dtype=torch.bool).index_fill_(0, rows, True)  # (B,)
     if int(low_bits.min()) == 0 or not bool((p > 0).all() & p.isfinite().all() & has_candidate.all()):
-        torch.default_generator.set_state(state)  # u = 0 (q = 0: NaN or inf ratios), or input torch refuses
+        source.set_state(state)  # u = 0 (q = 0: NaN or inf ratios), or input torch refuses
         return None
     q = torch.tensor([-math.log1p(-(bits / 2**53)) for bits in low_bits[rows, columns].tolist()],
                      dtype=torch.float64).float()  # (n,) rounded to float as exponential_ rounds its double
@@ -104,25 +124,34 @@ def _draw_at_nonzero_entries(probs: Tensor) -> Tensor | None:
 DecodeStep = Callable[[Tensor, int, Tensor | None, Tensor | None], Tensor]
 
 
-def generate(model: GPT2LMHeadModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+def generate(model: GPT2LMHeadModel, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eot_token: int | None = None, cuda_graph: bool = True) -> Iterator[Tensor]:
+             eot_token: int | None = None, cuda_graph: bool = True,
+             generator: torch.Generator | None = None) -> Iterator[Tensor]:
     """Yield each step's new tokens (B,) for a batch of prompts, which may differ in length.
 
-    Shorter prompts are left-padded and masked, with positions counted from their first real token,
-    so every row continues as if it ran alone. With `eot_token`, a row that has produced it keeps
-    producing it, and generation stops once every row has. On a CUDA GPU the decode steps are replayed
-    from a CUDA graph (gpt2.cuda_graph) unless `cuda_graph` is False.
+    `max_new_tokens` is one budget for every row or one per row; each prompt plus its budget must fit the
+    model's window (ValueError). A row past its own budget runs on while others have steps left, and the
+    caller ignores what it yields. Shorter prompts are left-padded and masked, with positions counted from
+    their first real token, so every row continues as if it ran alone. With `eot_token`, a row that has
+    produced it keeps producing it, and generation stops once every row has. On a CUDA GPU the decode
+    steps are replayed from a CUDA graph (gpt2.cuda_graph) unless `cuda_graph` is False.
 
-    At the end the heap's free pages go back to the system (a few ms after a long prompt): a prompt's
-    transient buffers otherwise stay in glibc's heap, fragmented, and a long run of prompts in one
-    process would see its peak RSS creep up prompt after prompt. For the same reason a model's first
-    generation at a batch size on CPU starts with a 2-token warm-up (_warm_up, about 75 ms at 124M),
-    which draws nothing from the random generator.
+    Tokens are drawn from `generator`, or from torch's global generator when None (the same tokens as
+    transformers' generate() after the same torch.manual_seed). Nothing else outside the model changes.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (use the end-of-text token to start)")
-    if max_new_tokens < 1:
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != len(prompts):
+        raise ValueError(f"max_new_tokens has {len(budgets)} budgets for {len(prompts)} prompts: give one per prompt")
+    window = model.config.n_positions
+    for prompt, budget in zip(prompts, budgets):
+        if len(prompt) + budget > window:
+            raise ValueError(f"a prompt of {len(prompt)} tokens plus {budget} new tokens exceeds the model's "
+                             f"window of {window} positions: shorten the prompt or ask for fewer tokens")
+    steps = max(budgets)
+    if steps < 1:
         return
     device = model.transformer.wte.weight.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -130,32 +159,28 @@ def generate(model: GPT2LMHeadModel, prompts: Sequence[Sequence[int]], max_new_t
     idx = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):
         idx[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-    total = width + max_new_tokens
+    total = width + steps
     key_valid = position_ids = next_position = None
     if bool((lengths != width).any()):
         key_valid = torch.ones(len(prompts), total, dtype=torch.bool, device=device)
         key_valid[:, :width] = torch.arange(width, device=device) >= (width - lengths).unsqueeze(1)
         position_ids = (key_valid[:, :width].long().cumsum(1) - 1).clamp(min=0)  # (B, width)
         next_position = lengths.unsqueeze(1)  # (B, 1)
-        max_position = model.config.n_positions - 1
-    if device.type == "cpu":
-        _warm_up(model, len(prompts), temperature, top_k, top_p)
     model.setup_caches(len(prompts), total)
     decode_step: DecodeStep = functools.partial(_decode_step, model)
     try:
         logits = _prefill(model, idx, position_ids, key_valid)
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
-            token = next_token(logits, temperature, top_k, top_p)
+        for step in range(steps):
+            token = next_token(logits, temperature, top_k, top_p, generator)
             if eot_token is not None:
                 token = token.masked_fill(finished, eot_token)
                 finished |= token == eot_token
             yield token
-            if step + 1 == max_new_tokens or (eot_token is not None and bool(finished.all())):
+            if step + 1 == steps or (eot_token is not None and bool(finished.all())):
                 return
-            # A row past its own budget may run on in the batch: its position is held at the window's
-            # last, and the caller ignores what it produces.
-            position = None if next_position is None else next_position.clamp(max=max_position)
+            # A row past its own budget runs on with its position held at the window's last.
+            position = None if next_position is None else next_position.clamp(max=window - 1)
             if step == 0 and cuda_graph and device.type == "cuda":
                 from gpt2.cuda_graph import decode_graph
 
@@ -165,36 +190,6 @@ def generate(model: GPT2LMHeadModel, prompts: Sequence[Sequence[int]], max_new_t
                 next_position = next_position + 1
     finally:
         model.clear_caches()
-        return_free_memory()
-
-
-# The batch sizes each model has generated at on CPU (see _warm_up).
-_WARM_BATCH_SIZES: weakref.WeakKeyDictionary[GPT2LMHeadModel, set[int]] = weakref.WeakKeyDictionary()
-
-
-def _warm_up(model: GPT2LMHeadModel, batch_size: int, temperature: float, top_k: int, top_p: float) -> None:
-    """Before a model's first generation at a batch size on CPU: fix glibc's malloc thresholds
-    (gpt2.heap.fix_malloc_thresholds), and generate 2 tokens from a 1-token prompt with the same
-    settings, the tokens dropped and the random generator's state restored.
-
-    A first decode step allocates for good: oneDNN builds a primitive for its row count (about 0.55 MiB
-    each) and library code is touched for the first time. Within a prompt these landed in the space its
-    transient buffers had just left, and the next prompt's buffers had to go around them. Made by the
-    warm-up, with its tiny buffers, they sit below any prompt's. Together with the fixed thresholds,
-    the peak RSS of runs of 8 prompts to the full window (scripts/soak.py) grew after the first prompt
-    by 0.0-0.1 MiB instead of 0-14.
-    """
-    warmed = _WARM_BATCH_SIZES.setdefault(model, set())
-    if batch_size in warmed:
-        return
-    warmed.add(batch_size)  # before generate() below, which would otherwise warm up again
-    fix_malloc_thresholds()
-    state = torch.default_generator.get_state()
-    try:
-        for _ in generate(model, [[0]] * batch_size, 2, temperature, top_k, top_p):
-            pass
-    finally:
-        torch.default_generator.set_state(state)
 
 
 @torch.inference_mode()
@@ -226,17 +221,19 @@ def _decode_step(model: GPT2LMHeadModel, token: Tensor, slot: int, position: Ten
 def sample_sequence(model: GPT2LMHeadModel, length: int, start_token: int | None = None,
                     batch_size: int = 1, context: Sequence[int] | None = None, temperature: float = 1.0,
                     top_k: int = 0, device: str | torch.device | None = None, sample: bool = True,
-                    top_p: float = 1.0, eot_token: int | None = None) -> Tensor:
+                    top_p: float = 1.0, eot_token: int | None = None,
+                    generator: torch.Generator | None = None) -> Tensor:
     """graykode's signature: (batch_size, len(context) + generated) token ids, the context included.
 
     Give either `context` (a token list) or `start_token`. `sample=False` is greedy. `device` is
     accepted for compatibility; the model's own device is used. With `eot_token`, rows that end early
-    are padded with it and the result may be shorter than `length` new tokens.
+    are padded with it and the result may be shorter than `length` new tokens. The prompt plus `length`
+    must fit the model's window (ValueError).
     """
     if (context is None) == (start_token is None):
         raise ValueError("specify exactly one of start_token and context")
     prompt = list(context) if context is not None else [start_token]
     steps = list(generate(model, [prompt] * batch_size, length, temperature if sample else 0.0,
-                          top_k, top_p, eot_token))
+                          top_k, top_p, eot_token, generator=generator))
     head = torch.tensor([prompt] * batch_size, dtype=torch.long, device=model.transformer.wte.weight.device)
     return torch.cat([head, *(t.unsqueeze(1) for t in steps)], dim=1)

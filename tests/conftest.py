@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 if TYPE_CHECKING:
     import torch

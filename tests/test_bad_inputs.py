@@ -32,7 +32,8 @@ import pytest
 import torch
 from conftest import run_main, tiny_legacy_state
 
-import main
+import gpt2.batching
+import gpt2.cli
 
 REPO = Path(__file__).resolve().parent.parent
 LEGACY = "gpt2-pytorch_model.bin"
@@ -95,7 +96,7 @@ class GuardTripped(Exception):
 def install_guards(monkeypatch: pytest.MonkeyPatch, max_blocks: int = 64, max_jobs: int = 10_000) -> None:
     import gpt2.model
 
-    real_block, real_job = gpt2.model.Block, main.Job
+    real_block, real_job = gpt2.model.Block, gpt2.batching.Job
     counts = {"blocks": 0, "jobs": 0}
 
     class GuardedBlock(real_block):
@@ -112,7 +113,7 @@ def install_guards(monkeypatch: pytest.MonkeyPatch, max_blocks: int = 64, max_jo
         return real_job(*args, **kwargs)
 
     monkeypatch.setattr(gpt2.model, "Block", GuardedBlock)
-    monkeypatch.setattr(main, "Job", guarded_job)
+    monkeypatch.setattr(gpt2.batching, "Job", guarded_job)
 
 
 @pytest.fixture
@@ -441,14 +442,14 @@ def test_bad_input(case: Case, tiny: Tiny, sandbox: Path) -> None:
 def test_huge_nsamples_starts_at_once_or_is_refused(tiny: Tiny, sandbox: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     printed = []
-    real_end = main.Output.sample_end
+    real_end = gpt2.cli.Output.sample_end
 
     def sample_end(self, job) -> None:  # the user presses ^C after three samples
         real_end(self, job)
         printed.append(job)
         if len(printed) == 3:
             raise KeyboardInterrupt
-    monkeypatch.setattr(main.Output, "sample_end", sample_end)
+    monkeypatch.setattr(gpt2.cli.Output, "sample_end", sample_end)
 
     result = run_main(["--model", str(tiny.dir), "--text", "Hi", "--length", "1", "--quiet",
                        "--nsamples", str(10**12), "--batch_size", "1"])

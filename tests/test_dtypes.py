@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from gpt2.checkpoint import load_model
-from gpt2.model import Linear
+from gpt2.kernels import Linear
 from gpt2.quantize import Float16Linear, Int8Linear, float16_kernel_available
 from gpt2.sample import generate
 
@@ -141,18 +141,18 @@ def test_weights_beyond_float16_range_keep_the_native_bfloat16_model(checkpoint,
 def test_cli_memory_check_counts_float32_kv_caches_of_a_16_bit_cpu_model(checkpoint, monkeypatch):
     """main.py refuses a batch whose KV caches cannot fit: for a bfloat16 CPU model they are float32 (4 bytes
     a value, not 2), so free memory just short of that need is refused."""
-    import main
+    import gpt2.batching
+    from gpt2.errors import UsageError
 
     model = load_model(checkpoint, dtype=torch.bfloat16)
     cfg = model.config
-    prompts = [main.Prompt(0, "x", [464] * 100, 924)]
     need = 8 * (2 * cfg.n_layer * cfg.n_embd * 1024 * 4 + 4 * cfg.vocab_size * 4)
 
     def meminfo(free: int):
         return lambda *args, **kwargs: io.StringIO(f"MemTotal: 1 kB\nMemAvailable: {free // 1024} kB\n")
 
-    monkeypatch.setattr(main, "open", meminfo(need - 1024), raising=False)
-    with pytest.raises(main.UsageError, match="--batch_size 8 needs about"):
-        main.check_memory(model, prompts, 8)
-    monkeypatch.setattr(main, "open", meminfo(need + 1024), raising=False)
-    main.check_memory(model, prompts, 8)
+    monkeypatch.setattr(gpt2.batching, "open", meminfo(need - 1024), raising=False)
+    with pytest.raises(UsageError, match="--batch_size 8 needs about"):
+        gpt2.batching.check_memory(model, 8, 1024)
+    monkeypatch.setattr(gpt2.batching, "open", meminfo(need + 1024), raising=False)
+    gpt2.batching.check_memory(model, 8, 1024)

@@ -28,7 +28,8 @@ from conftest import run_main as run_main_in_process
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-import main
+import gpt2.batching
+import gpt2.encoder
 
 N_EMBD, N_CTX, VOCAB = 32, 64, 50257
 LEGACY = "gpt2-pytorch_model.bin"
@@ -55,8 +56,6 @@ JOBS = {"made": 0}  # sample jobs created by the current run
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory, vocab_dir: Path) -> Path:
     """The tiny model directory, with the environment of an offline run in an empty working directory."""
-    import gpt2.encoder
-
     directory = tmp_path_factory.mktemp("tiny")
     state = tiny_legacy_state(VOCAB, N_EMBD, N_CTX, mask_buffers=False)  # no causal-mask buffers
     torch.save(state, directory / LEGACY, _use_new_zipfile_serialization=False)
@@ -65,7 +64,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, vocab_dir: Path) -> Path:
     for name in ("encoder.json", "vocab.bpe"):
         shutil.copy(vocab_dir / name, directory / name)
     work = tmp_path_factory.mktemp("cwd")
-    real_job = main.Job
+    real_job = gpt2.batching.Job
 
     def guarded_job(*args, **kwargs):
         JOBS["made"] += 1
@@ -81,7 +80,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, vocab_dir: Path) -> Path:
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.chdir(work)
         mp.setattr(gpt2.encoder, "get_encoder", functools.lru_cache(maxsize=2)(gpt2.encoder.get_encoder))
-        mp.setattr(main, "Job", guarded_job)
+        mp.setattr(gpt2.batching, "Job", guarded_job)
         yield directory
     torch.set_num_threads(threads)
 

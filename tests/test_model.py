@@ -19,10 +19,9 @@ from transformers import GPT2LMHeadModel as HFModel
 
 from gpt2.checkpoint import load_model
 from gpt2.config import PRESETS, GPT2Config
+from gpt2.kernels import PACK_ROWS, PIECE_ROWS
 from gpt2.model import (
     CACHE_SLOT_STEP,
-    PACK_ROWS,
-    PIECE_ROWS,
     GPT2LMHeadModel,
     linear,
     onednn_linear_available,

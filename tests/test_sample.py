@@ -196,13 +196,13 @@ def test_mixed_length_prompts_continue_as_if_alone(pair):
 
 def test_batch_may_run_past_the_window_of_its_longest_prompt(pair):
     """Slots are not positions: a 4-token prompt beside a 1020-token one still gets its 12 tokens, and
-    the long row is right for as long as it stays inside the 1024-token window."""
+    the long row, with a budget of its own that fills the 1024-token window, is right within it."""
     _, ours = pair
     gen = torch.Generator().manual_seed(9)
     long, short = (torch.randint(0, 50000, (n,), generator=gen).tolist() for n in (1020, 4))
-    batched = greedy(ours, [long, short], 12)
+    batched = greedy(ours, [long, short], [4, 12])
     assert torch.equal(batched[1], greedy(ours, [short], 12)[0])
-    assert torch.equal(batched[0, :5], greedy(ours, [long], 5)[0])  # positions 1019..1023
+    assert torch.equal(batched[0, :4], greedy(ours, [long], 4)[0])  # fed back at positions 1020..1022
 
 
 @pytest.fixture(scope="module")
@@ -253,19 +253,44 @@ def test_generate_rejects_empty_prompts_and_yields_nothing_for_zero_tokens(pair)
 
 
 @pytest.mark.parametrize("top_k", [40, 0])
-def test_the_warm_up_leaves_tokens_and_generator_as_they_were(pair, top_k):
-    """A model's first generation at a batch size on CPU runs a warm-up generation first
-    (gpt2.sample._warm_up): the same seed must still give transformers' tokens, and leave the generator
-    where a later generation at that batch size leaves it."""
-    hf, loaded = pair
-    ours = copy.deepcopy(loaded)  # has not generated yet
-    for batch in (2, 2, 3):
-        first = batch not in gpt2.sample._WARM_BATCH_SIZES.get(ours, set())
-        tokens = ours_sample(ours, 11, 6, batch, temperature=0.9, top_k=top_k)
-        state = torch.default_generator.get_state()
-        assert batch in gpt2.sample._WARM_BATCH_SIZES[ours]
-        assert_same_tokens(tokens, hf_sample(hf, 11, 6, batch, do_sample=True, temperature=0.9, top_k=top_k))
-        assert torch.equal(state, torch.default_generator.get_state()), f"batch {batch}, first: {first}"
+def test_a_given_generator_draws_what_the_global_one_would_and_leaves_it_alone(pair, top_k):
+    """generate(generator=g) gives the tokens a global seed gives (transformers' too), and changes neither
+    the global generator nor anything but g."""
+    hf, ours = pair
+    expected = hf_sample(hf, 11, 6, 2, do_sample=True, temperature=0.9, top_k=top_k)
+    torch.manual_seed(5)
+    before = torch.default_generator.get_state()
+    got = sample_sequence(ours, 6, context=CTX, batch_size=2, temperature=0.9, top_k=top_k,
+                          generator=torch.Generator().manual_seed(11))
+    assert_same_tokens(got, expected)
+    assert torch.equal(before, torch.default_generator.get_state())
+
+
+@pytest.mark.parametrize("lengths, budget", [((1020,), 5), ((1020, 1020), 5), ((3, 1020), 5), ((1, 1), 1024)])
+def test_prompt_plus_new_tokens_beyond_the_window_is_a_value_error(pair, lengths, budget):
+    """For any batch shape, equal or mixed lengths: a ValueError naming the window, not an IndexError."""
+    _, ours = pair
+    prompts = [[EOT] * n for n in lengths]
+    with pytest.raises(ValueError, match="window of 1024 positions"):
+        list(generate(ours, prompts, budget))
+    with pytest.raises(ValueError, match="window of 1024 positions"):
+        sample_sequence(ours, budget, context=prompts[-1], batch_size=len(lengths))
+
+
+def test_draw_one_falls_back_to_torch_where_they_differ(monkeypatch):
+    """Where this torch's multinomial draws otherwise (as before 2.7), the once-per-process check finds it
+    and draw_one draws with torch.multinomial itself."""
+    gpt2.sample.draw_one_matches_torch.cache_clear()
+    monkeypatch.setattr(gpt2.sample, "_LOW_53_BITS", (1 << 52) - 1)  # a sampler that draws other numbers
+    try:
+        assert not gpt2.sample.draw_one_matches_torch()
+        probs = F.softmax(top_k_logits(torch.randn(4, 5000, generator=torch.Generator().manual_seed(3)), 40), -1)
+        for seed in range(5):
+            ours = draw_one(probs, torch.Generator().manual_seed(seed))
+            assert torch.equal(ours, torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed))[:, 0])
+    finally:
+        gpt2.sample.draw_one_matches_torch.cache_clear()
+    assert gpt2.sample.draw_one_matches_torch()
 
 
 # ---------------------------------------------------------------------------------------------------
