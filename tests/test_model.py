@@ -19,15 +19,8 @@ from transformers import GPT2LMHeadModel as HFModel
 
 from gpt2.checkpoint import load_model
 from gpt2.config import PRESETS, GPT2Config
-from gpt2.kernels import PACK_ROWS, PIECE_ROWS
-from gpt2.model import (
-    CACHE_SLOT_STEP,
-    GPT2LMHeadModel,
-    linear,
-    onednn_linear_available,
-    pack_weight,
-    row_pieces,
-)
+from gpt2.kernels import PACK_ROWS, PIECE_ROWS, linear, onednn_linear_available, pack_weight, row_pieces
+from gpt2.model import CACHE_SLOT_STEP, GPT2LMHeadModel
 
 TOL = 1e-4
 VOCAB = 50257
