@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks in one go, on a machine with a CUDA GPU and this repository's requirements-dev installed:
+# The GPU checks in one go, on a machine with a CUDA GPU and the project installed with `pip install -e ".[test]"`:
 # the CUDA acceptance tests (tests/test_cuda.py), then the benchmark on the GPU.
 #
 #   bash scripts/gpu_check.sh [OUTPUT_DIR]     # writes pytest.log, bench_cuda.md and bench_cuda.log there

@@ -287,7 +287,7 @@ CASES = [
     C("device-bogus", [*P, "--device", "bogus"], 2, "unknown --device 'bogus'"),
     C("device-mps", [*P, "--device", "mps"], 2, "--device 'mps' is not supported"),
     C("device-cuda-without-gpu", [*P, "--device", "cuda"], 2, "no CUDA GPU is available"),
-    C("quiet-with-value", [*P, "--quiet", "False"], 2, "unrecognized arguments: False"),
+    C("quiet-with-bad-value", [*P, "--quiet", "maybe"], 2, "expected True or False, got 'maybe'"),
     C("unknown-flag", [*P, "--top-k", "3"], 2, "unrecognized arguments: --top-k"),
     C("text-without-value", [*M, "--text"], 2, "expected one argument"),
     C("prompt_file-missing", [*M, "--prompt_file", "{dir}/nope.txt"], 2, "cannot read --prompt_file"),

@@ -290,6 +290,7 @@ def test_draw_one_falls_back_to_torch_where_they_differ(monkeypatch):
             assert torch.equal(ours, torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed))[:, 0])
     finally:
         gpt2.sample.draw_one_matches_torch.cache_clear()
+    monkeypatch.undo()
     assert gpt2.sample.draw_one_matches_torch()
 
 
