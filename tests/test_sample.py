@@ -158,8 +158,8 @@ def test_start_token_and_context_are_exclusive(pair):
         sample_sequence(ours, 4)
 
 
-def test_124m_shape_matches_transformers_within_30s(hf_124m, legacy_dir):
-    ours = load_model(legacy_dir)
+def test_124m_shape_matches_transformers_within_30s(hf_124m, ours_124m):
+    ours = ours_124m
     ctx = torch.randint(0, VOCAB, (20,), generator=torch.Generator().manual_seed(3)).tolist()
     # CPU time, not wall time: on one thread it is the work done, whatever else the machine is running
     t0 = time.process_time()
