@@ -4,10 +4,11 @@ The contract (README): a bad argument exits 2 (argparse or UsageError), a bad fi
 (GPT2Error); either way stderr is exactly one line naming the problem and the fix, there is no traceback and
 nothing is written to stdout. Bad *bytes* in a prompt are not errors: invalid UTF-8 becomes U+FFFD.
 
-Everything runs in-process (`main.main(argv)`) against a tiny random GPT-2 (1 layer, 32 wide, window 64,
-the real 50257-token vocabulary) so that the whole table costs seconds. Warnings count as stderr lines, as
-they would in a real run. Two guards turn hangs into failures: no case may build more than 64 transformer
-blocks (a hostile config or checkpoint asking for a billion layers) or create more than 10,000 sample jobs.
+Everything runs in-process (`main.main(argv)`) against conftest's tiny random GPT-2 (`tiny_dir`: 1 layer,
+32 wide, window 64, the real 50257-token vocabulary) so that the whole table costs seconds. Warnings count as
+stderr lines, as they would in a real run. Two guards turn hangs into failures: no case may build more than 64
+transformer blocks (a hostile config or checkpoint asking for a billion layers) or create more than 10,000 sample
+jobs. One case runs through a real `python main.py` process; test_cli.py runs one bad argument that way.
 
 Cases marked `xfail` are product bugs found here; their reason names the file and the fix.
 """
@@ -21,7 +22,6 @@ import os
 import pathlib
 import pickle
 import random
-import shutil
 import struct
 import subprocess
 import sys
@@ -30,16 +30,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_main, tiny_legacy_state
+from conftest import LEGACY_WEIGHTS as LEGACY
+from conftest import MAIN, offline, run_main, tiny_config, tiny_legacy_state
 
 import gpt2.batching
 import gpt2.cli
 
-REPO = Path(__file__).resolve().parent.parent
-LEGACY = "gpt2-pytorch_model.bin"
 MARKER = "PWNED"  # what a hostile pickle would create next to itself
 N_EMBD, N_CTX, VOCAB = 32, 64, 50257
-CONFIG = {"n_layer": 1, "n_embd": N_EMBD, "n_head": 2, "n_positions": N_CTX, "vocab_size": VOCAB}
+CONFIG = tiny_config(N_CTX)
 SEP = "=" * 40
 
 
@@ -66,23 +65,11 @@ class Tiny:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory, vocab_dir: Path) -> Tiny:
-    directory = tmp_path_factory.mktemp("tiny")
-    state = tiny_legacy_state(VOCAB, N_EMBD, N_CTX)
-    (directory / LEGACY).write_bytes(torch_bytes(state))
-    (directory / "config.json").write_text(json.dumps(CONFIG))
-    for name in ("encoder.json", "vocab.bpe"):
-        shutil.copy(vocab_dir / name, directory / name)
-    return Tiny(directory, state)
+def tiny(tiny_dir: Path) -> Tiny:
+    return Tiny(tiny_dir, tiny_legacy_state(VOCAB, N_EMBD, N_CTX))  # the state dict written there
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The machine is shared: one intra-op thread is plenty for a 32-wide model."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the machine is shared; a 32-wide model needs no more
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -117,16 +104,11 @@ def install_guards(monkeypatch: pytest.MonkeyPatch, max_blocks: int = 64, max_jo
 
 
 @pytest.fixture
-def sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """No downloads, no caches of this machine, no weights in the working directory."""
-    for var in ("GPT2_PYTORCH_CACHE", "HF_HOME", "HF_HUB_CACHE"):
-        monkeypatch.setenv(var, str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    work = tmp_path / "cwd"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    install_guards(monkeypatch)
-    return tmp_path
+def sandbox(tmp_path: Path):
+    """No downloads, no caches of this machine, no weights in the working directory (conftest.offline)."""
+    with offline(tmp_path) as mp:
+        install_guards(mp)
+        yield tmp_path
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -287,7 +269,7 @@ CASES = [
     C("device-bogus", [*P, "--device", "bogus"], 2, "unknown --device 'bogus'"),
     C("device-mps", [*P, "--device", "mps"], 2, "--device 'mps' is not supported"),
     C("device-cuda-without-gpu", [*P, "--device", "cuda"], 2, "no CUDA GPU is available"),
-    C("quiet-with-bad-value", [*P, "--quiet", "maybe"], 2, "expected True or False, got 'maybe'"),
+    C("quiet-with-other-value", [*P, "--quiet", "maybe"], 2, "--quiet: expected True or False, got 'maybe'"),
     C("unknown-flag", [*P, "--top-k", "3"], 2, "unrecognized arguments: --top-k"),
     C("text-without-value", [*M, "--text"], 2, "expected one argument"),
     C("prompt_file-missing", [*M, "--prompt_file", "{dir}/nope.txt"], 2, "cannot read --prompt_file"),
@@ -482,7 +464,7 @@ def test_hostile_checkpoint_through_the_real_entry_point(tiny: Tiny, tmp_path: P
     model_dir(weights=hostile("torch-zip"))(d, tiny)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPT2_PYTORCH_CACHE": str(tmp_path / "cache"),
            "HF_HOME": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": ""}
-    proc = subprocess.run([sys.executable, str(REPO / "main.py"), "--model", str(d / LEGACY), "--text", "Hi"],
+    proc = subprocess.run([sys.executable, str(MAIN), "--model", str(d / LEGACY), "--text", "Hi"],
                           capture_output=True, env=env, cwd=tmp_path, timeout=120)
     err = proc.stderr.decode("utf-8", "replace")
     assert proc.returncode == 1, err

@@ -1,14 +1,15 @@
 """
-End-to-end tests of main.py, run as a subprocess on a random-initialised 124M checkpoint in graykode's
-legacy torch format (the `legacy_dir` fixture).
+End-to-end tests of main.py's command line on the tiny random checkpoint in graykode's legacy torch format
+(conftest's `tiny_dir`: 1 layer, 32 wide, a 64-token window, the real vocabulary).
 
 The oracle for every generated sample is the library itself, run in-process with the same seed:
 gpt2.sample.sample_sequence on the model from gpt2.checkpoint.load_model, with the context cut off and
 each row cut at its first <|endoftext|>. With random weights the samples are arbitrary tokens (newlines,
 half characters), so outputs are compared as bytes, never by counting lines.
 
-Each CLI run costs a torch import plus a checkpoint load (~3-4 s), so the runs are few and short; the
-argument errors that main.py catches before importing torch cost a fraction of a second.
+The command line runs in-process (conftest.run_cli: main.main(argv) offline, on one thread, with its own
+stdin, stdout and stderr). Real processes run only where the process is the point: `python main.py` itself
+(its stdout and stderr as bytes, its exit status), `python -m gpt2` and the installed `gpt2-generate`.
 """
 
 from __future__ import annotations
@@ -18,26 +19,15 @@ import random
 import re
 import subprocess
 import sys
-import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_fails
+from conftest import LEGACY_WEIGHTS as WEIGHTS
+from conftest import REPO, TIMEOUT, Library, assert_fails, library, main_py, ok
 
-from gpt2.checkpoint import load_model
-from gpt2.encoder import Encoder, get_encoder
-from gpt2.model import GPT2LMHeadModel
-from gpt2.sample import sample_sequence
+import gpt2
 
-REPO = Path(__file__).resolve().parent.parent
-MAIN = REPO / "main.py"
-WEIGHTS = "gpt2-pytorch_model.bin"
-TIMEOUT = 300  # seconds per CLI run: generous for 2 slow cores, but a hang still fails
-# One thread per run, here and in the in-process oracle: the same thread count keeps results bit-equal, and on
-# a shared 2-core machine two-thread runs wait on each other's OpenMP barriers (2-10x slower under load).
-THREADS = 1
 PROMPT = "The café served crème brûlée, and then"  # non-ASCII: stdout must be UTF-8 whatever the locale
 
 
@@ -50,84 +40,24 @@ def separator(n: int) -> str:
 
 
 @pytest.fixture(scope="session")
-def weights(legacy_dir: Path) -> Path:
-    return legacy_dir / WEIGHTS
-
-
-@dataclass
-class Library:
-    """The in-process oracle: the same checkpoint and vocabulary through the library API."""
-
-    model: GPT2LMHeadModel
-    enc: Encoder
-
-    def samples(self, seed: int, prompt: str | None, length: int, batch_size: int = 1, batches: int = 1,
-                temperature: float = 0.7, top_k: int = 40) -> list[str]:
-        """graykode's loop: one manual_seed, then `batches` calls of sample_sequence; each row is cut
-        after the context (the start token when unconditional) and at its first end-of-text token."""
-        eot = self.enc.eot_token
-        if prompt is None:
-            where: dict[str, object] = {"start_token": eot}
-            skip = 1
-        else:
-            ids = self.enc.encode(prompt)
-            where, skip = {"context": ids}, len(ids)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(THREADS)  # as in the CLI runs (cli_env): same kernels, same floating-point sums
-        try:
-            torch.manual_seed(seed)
-            texts = []
-            for _ in range(batches):
-                out = sample_sequence(self.model, length, batch_size=batch_size, temperature=temperature,
-                                      top_k=top_k, eot_token=eot, **where)
-                for row in out[:, skip:].tolist():
-                    if eot in row:
-                        row = row[: row.index(eot)]
-                    texts.append(self.enc.decode(row))
-        finally:
-            torch.set_num_threads(threads)
-        return texts
+def weights(tiny_dir: Path) -> Path:
+    return tiny_dir / WEIGHTS
 
 
 @pytest.fixture(scope="session")
-def lib(legacy_dir: Path) -> Library:
-    return Library(load_model(legacy_dir / WEIGHTS), get_encoder(legacy_dir))
+def lib(tiny_lib: Library) -> Library:
+    return tiny_lib
 
 
 @pytest.fixture(scope="session")
-def cli_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Offline, with every cache in an empty temporary directory: nothing can be downloaded or found."""
-    cache = tmp_path_factory.mktemp("cli-cache")
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", GPT2_PYTORCH_CACHE=str(cache / "gpt2-pytorch"), HF_HOME=str(cache / "hf"),
-               PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
-    env.pop("HF_HUB_CACHE", None)
-    return env
-
-
-@pytest.fixture(scope="session")
-def cli(cli_env: dict[str, str]):
-    def run(*args: str, stdin: bytes | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, str(MAIN), *args],
-            input=stdin, stdin=subprocess.DEVNULL if stdin is None else None,
-            capture_output=True, env=cli_env, cwd=cwd or REPO, timeout=TIMEOUT,
-        )
-
-    return run
+def cli(run_cli):
+    return run_cli
 
 
 @pytest.fixture(scope="session")
 def seed1_quiet(cli, weights: Path) -> subprocess.CompletedProcess:
     """`--seed 1 --quiet` on PROMPT, shared by the tests that compare against it."""
     return cli("--model", str(weights), "--text", PROMPT, "--seed", "1", "--quiet", "--length", "16")
-
-
-def ok(proc: subprocess.CompletedProcess) -> bytes:
-    """stdout of a run that must have succeeded (with its stderr shown when it did not)."""
-    assert proc.returncode == 0, proc.stderr.decode("utf-8", "replace")
-    assert b"Traceback" not in proc.stderr
-    return proc.stdout
 
 
 def quiet_output(texts: list[str]) -> bytes:
@@ -142,6 +72,36 @@ def split_header(stdout: bytes) -> tuple[str, bytes]:
 
 
 # ---------------------------------------------------------------------------------------------------
+# the entry points as real processes
+
+
+def test_main_py_prints_the_library_samples_and_nothing_on_stderr(cli_env: dict[str, str], weights: Path,
+                                                                   seed1_quiet, lib: Library) -> None:
+    """`python main.py ... --quiet` on a local model, in the C locale: the samples as UTF-8 bytes on stdout,
+    equal to the in-process run and the library's; not a byte on stderr (no warning either); status 0."""
+    env = {**cli_env, "LC_ALL": "C", "LANG": "C"}
+    env.pop("PYTHONIOENCODING", None)
+    proc = main_py(env, "--model", weights, "--text", PROMPT, "--seed", "1", "--quiet", "--length", "16")
+    assert (proc.returncode, proc.stderr) == (0, b""), proc.stderr.decode("utf-8", "replace")
+    assert proc.stdout == ok(seed1_quiet) == quiet_output(lib.samples(1, PROMPT, 16))
+
+
+def test_main_py_bad_argument_exits_2_with_one_line(cli_env: dict[str, str], weights: Path) -> None:
+    """End to end, the contract test_bad_inputs.py checks in-process for every case: status 2, one line on
+    stderr, nothing on stdout."""
+    proc = main_py(cli_env, "--model", weights, "--seed", "0", "--text", "Hello", "--top_p", "1.5")
+    line = assert_fails(proc, 2, "--top_p must be in (0, 1]")
+    assert line.startswith("main.py: error: ")
+
+
+def test_python_m_gpt2_version(cli_env: dict[str, str]) -> None:
+    proc = subprocess.run([sys.executable, "-m", "gpt2", "--version"], stdin=subprocess.DEVNULL,
+                          capture_output=True, env=cli_env, cwd=REPO, timeout=TIMEOUT)
+    assert (proc.returncode, proc.stderr) == (0, b""), proc.stderr.decode("utf-8", "replace")
+    assert proc.stdout == f"python -m gpt2 {gpt2.__version__}\n".encode()
+
+
+# ---------------------------------------------------------------------------------------------------
 # samples: reproducible, equal to the library's, laid out like graykode's
 
 
@@ -153,17 +113,28 @@ def test_seed_quiet_is_reproducible_and_equals_library(cli, weights: Path, lib: 
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_16_bit_dtypes_print_what_the_library_generates(cli, weights: Path, legacy_dir: Path, lib: Library,
-                                                        dtype: str) -> None:
+def test_16_bit_dtypes_print_what_the_library_generates(cli, weights: Path, enc, dtype: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """`--dtype bfloat16|float16` on CPU (FBGEMM's float16 products, float32 activations) prints exactly the
-    samples of the same model loaded through the library; bfloat16's coarser weights change this sample
-    (float16's do not), which shows the flag took effect."""
+    samples of the same model loaded through the library, and the model the run loaded holds its embeddings
+    in that dtype, which shows the flag took effect (on the one-layer model the rounding rarely changes a
+    sample; test_dtypes.py measures what it does to the logits at GPT-2 widths)."""
+    import gpt2.checkpoint
+
+    loaded = []
+    real_load = gpt2.checkpoint.load_model
+
+    def load_model(*args, **kwargs):
+        loaded.append(real_load(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(gpt2.checkpoint, "load_model", load_model)
     out = ok(cli("--model", str(weights), "--text", PROMPT, "--seed", "1", "--quiet", "--length", "32",
                  "--dtype", dtype, "--device", "cpu"))
-    model = Library(load_model(weights, dtype=getattr(torch, dtype)), get_encoder(legacy_dir))
-    assert out == quiet_output(model.samples(1, PROMPT, 32))
-    if dtype == "bfloat16":
-        assert out != quiet_output(lib.samples(1, PROMPT, 32))
+    [model] = loaded
+    assert model.transformer.wte.weight.dtype == getattr(torch, dtype)
+    assert model.activation_dtype == torch.float32
+    assert out == quiet_output(library(weights, enc, dtype=getattr(torch, dtype)).samples(1, PROMPT, 32))
 
 
 def test_non_quiet_layout(cli, weights: Path, lib: Library) -> None:
@@ -171,8 +142,32 @@ def test_non_quiet_layout(cli, weights: Path, lib: Library) -> None:
     header, rest = split_header(out)
     assert header.startswith("Namespace(") and header.endswith(")")
     assert re.search(r"\bseed=1\b", header) and re.search(r"\blength=16\b", header)
+    assert re.search(r"\bquiet=False\b", header)
     [text] = lib.samples(1, PROMPT, 16)
     assert rest == f"{PROMPT}\n{separator(1)}{text}\n".encode()
+
+
+@pytest.mark.parametrize("spelling", [["--quiet"], ["--quiet", "True"], ["--quiet=True"], ["--quiet", "False"],
+                                      ["--quiet=False"]],
+                         ids=["bare", "True", "=True", "False", "=False"])
+def test_quiet_true_and_false_as_graykode_spelled_them(cli, weights: Path, seed1_quiet, spelling: list[str]) -> None:
+    """graykode's `--quiet True` / `--quiet False` (a type=bool flag) beside a bare `--quiet`: True and bare are
+    quiet, byte for byte; False is not quiet: header and separators, byte for byte the run without --quiet."""
+    args = ("--model", str(weights), "--text", PROMPT, "--seed", "1", "--length", "16")
+    out = ok(cli(*args, *spelling))
+    if "False" in spelling[-1]:
+        assert out == ok(cli(*args))
+        header, rest = split_header(out)
+        assert re.search(r"\bquiet=False\b", header), header
+        assert rest.startswith(f"{PROMPT}\n{separator(1)}".encode())
+    else:
+        assert out == ok(seed1_quiet)
+
+
+def test_version(cli) -> None:
+    proc = cli("--version")
+    assert (proc.returncode, proc.stderr) == (0, b""), proc.stderr
+    assert proc.stdout == f"main.py {gpt2.__version__}\n".encode() == b"main.py 1.0.0\n"
 
 
 def test_batches(cli, weights: Path, lib: Library) -> None:
@@ -206,9 +201,9 @@ def test_greedy_ignores_seed(cli, weights: Path, lib: Library) -> None:
     assert first == quiet_output(lib.samples(123, PROMPT, 8, temperature=0))
 
 
-def test_graykode_layout_in_working_directory(cli, legacy_dir: Path, seed1_quiet) -> None:
+def test_graykode_layout_in_working_directory(cli, tiny_dir: Path, seed1_quiet) -> None:
     # no --model: ./gpt2-pytorch_model.bin and the vocabulary beside it, as `python main.py` in graykode's repo
-    out = ok(cli("--text", PROMPT, "--seed", "1", "--quiet", "--length", "16", cwd=legacy_dir))
+    out = ok(cli("--text", PROMPT, "--seed", "1", "--quiet", "--length", "16", cwd=tiny_dir))
     assert out == ok(seed1_quiet)
 
 
@@ -216,67 +211,35 @@ def test_graykode_layout_in_working_directory(cli, legacy_dir: Path, seed1_quiet
 # default --length: half the window, shrunk to fit the prompt
 
 
-def test_default_length_is_half_the_window(cli_env: dict[str, str], weights: Path) -> None:
-    # generating 512 tokens is slow: read the settings line (printed before sampling), then stop the run
-    proc = subprocess.Popen([sys.executable, str(MAIN), "--model", str(weights), "--text", "Hello", "--seed", "0"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env,
-                            cwd=REPO)
-    timer = threading.Timer(TIMEOUT, proc.kill)
-    timer.start()
-    try:
-        header = proc.stdout.readline().decode("utf-8")
-        second = proc.stdout.readline()
-    finally:
-        timer.cancel()
-        proc.kill()
-        _, err = proc.communicate()
-    assert header.startswith("Namespace("), err.decode("utf-8", "replace")
-    assert re.search(r"\blength=512\b", header), header
-    assert second == b"Hello\n"
+def test_default_length_is_half_the_window(cli, weights: Path, lib: Library) -> None:
+    out = ok(cli("--model", str(weights), "--text", "Hello", "--seed", "0"))
+    header, rest = split_header(out)
+    assert re.search(r"\blength=32\b", header), header  # the tiny model's window is 64
+    [text] = lib.samples(0, "Hello", 32)
+    assert rest == f"Hello\n{separator(1)}{text}\n".encode()
 
 
 def test_default_length_shrinks_to_fit_a_long_prompt(cli, weights: Path, lib: Library) -> None:
-    prompt = "hello" + " hello" * 899
+    prompt = "hello" + " hello" * 39
     n = len(lib.enc.encode(prompt))
-    expected = min(512, 1024 - n)
-    assert 0 < expected < 512
+    expected = min(32, 64 - n)
+    assert 0 < expected < 32
     out = ok(cli("--model", str(weights), "--text", prompt, "--temperature", "0", "--seed", "0"))
     header, rest = split_header(out)
     assert re.search(rf"\blength={expected}\b", header), header[-300:]
-    # the sample fills the window to its last position; recomputing it in-process would double the cost
-    head = f"{prompt}\n{separator(1)}".encode()
-    assert rest.startswith(head) and rest.endswith(b"\n") and len(rest) > len(head) + 1
+    [text] = lib.samples(0, prompt, expected, temperature=0)  # the sample fills the window to its last position
+    assert rest == f"{prompt}\n{separator(1)}{text}\n".encode()
 
 
 # ---------------------------------------------------------------------------------------------------
-# bad input: one line on stderr naming the problem, no traceback, nothing on stdout
-
-
-@pytest.mark.parametrize(
-    "args, phrase",
-    [
-        (["--nsamples", "3", "--batch_size", "2"], "not a multiple of --batch_size"),
-        (["--length", "0"], "--length must be at least 1"),
-        (["--top_k", "-1"], "--top_k"),
-        (["--top_p", "0"], "--top_p must be in (0, 1]"),
-        (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
-        (["--temperature", "-1"], "--temperature"),
-        (["--text", ""], "empty prompt"),
-        (["--quiet", "maybe"], "expected True or False, got 'maybe'"),  # graykode's --quiet True/False parse
-    ],
-    ids=["nsamples-batch", "length-0", "top_k", "top_p-0", "top_p-1.5", "temperature", "empty-prompt",
-         "quiet-value"],
-)
-def test_bad_arguments(cli, weights: Path, args: list[str], phrase: str) -> None:
-    if "--text" not in args:
-        args = ["--text", "Hello", *args]
-    assert_fails(cli("--model", str(weights), "--seed", "0", *args), 2, phrase)
+# bad input: one line on stderr naming the problem, no traceback, nothing on stdout (the whole table of bad
+# arguments and files is test_bad_inputs.py; these check the paths and numbers named in the line)
 
 
 def test_length_that_does_not_fit_the_window(cli, weights: Path) -> None:
-    proc = cli("--model", str(weights), "--text", "Hello world", "--length", "1024", "--quiet")
-    line = assert_fails(proc, 2, "--length 1024")
-    assert "does not fit" in line and "--length 1022" in line  # the prompt is 2 tokens
+    proc = cli("--model", str(weights), "--text", "Hello world", "--length", "64", "--quiet")
+    line = assert_fails(proc, 2, "--length 64")
+    assert "does not fit" in line and "--length 62" in line  # the prompt is 2 tokens
 
 
 def test_unknown_model_name(cli) -> None:
@@ -288,38 +251,38 @@ def test_missing_checkpoint(cli, tmp_path: Path) -> None:
     assert_fails(cli("--model", str(missing), "--text", "Hello"), 1, str(missing), "no such checkpoint")
 
 
-def _model_dir(tmp_path: Path, legacy_dir: Path, *, weights: bytes | None = None, vocab: tuple[str, ...] = (),
+def _model_dir(tmp_path: Path, tiny_dir: Path, *, weights: bytes | None = None, vocab: tuple[str, ...] = (),
                encoder_json: bytes | None = None) -> Path:
-    """A model directory: the real weights (linked) or `weights`, the named vocabulary files (linked),
-    and optionally a replacement encoder.json."""
+    """A model directory: the real weights and config.json (linked) or `weights`, the named vocabulary files
+    (linked), and optionally a replacement encoder.json."""
     directory = tmp_path / "model"
     directory.mkdir()
     if weights is None:
-        os.symlink(legacy_dir / WEIGHTS, directory / WEIGHTS)
+        os.symlink(tiny_dir / WEIGHTS, directory / WEIGHTS)
     else:
         (directory / WEIGHTS).write_bytes(weights)
-    for name in vocab:
-        os.symlink(legacy_dir / name, directory / name)
+    for name in ("config.json", *vocab):
+        os.symlink(tiny_dir / name, directory / name)
     if encoder_json is not None:
         (directory / "encoder.json").write_bytes(encoder_json)
     return directory
 
 
-def test_corrupt_checkpoint(cli, legacy_dir: Path, tmp_path: Path) -> None:
+def test_corrupt_checkpoint(cli, tiny_dir: Path, tmp_path: Path) -> None:
     junk = random.Random(0).randbytes(1 << 16)
-    directory = _model_dir(tmp_path, legacy_dir, weights=junk, vocab=("encoder.json", "vocab.bpe"))
+    directory = _model_dir(tmp_path, tiny_dir, weights=junk, vocab=("encoder.json", "vocab.bpe"))
     line = assert_fails(cli("--model", str(directory / WEIGHTS), "--text", "Hello"), 1, str(directory / WEIGHTS))
     assert "corrupt" in line
 
 
-def test_checkpoint_without_vocabulary(cli, legacy_dir: Path, tmp_path: Path) -> None:
-    directory = _model_dir(tmp_path, legacy_dir)
+def test_checkpoint_without_vocabulary(cli, tiny_dir: Path, tmp_path: Path) -> None:
+    directory = _model_dir(tmp_path, tiny_dir)
     line = assert_fails(cli("--model", str(directory / WEIGHTS), "--text", "Hello"), 1, str(directory))
     assert "vocabulary" in line
 
 
-def test_corrupt_encoder_json(cli, legacy_dir: Path, tmp_path: Path) -> None:
-    directory = _model_dir(tmp_path, legacy_dir, vocab=("vocab.bpe",), encoder_json=b'{"not": "the vocabulary"')
+def test_corrupt_encoder_json(cli, tiny_dir: Path, tmp_path: Path) -> None:
+    directory = _model_dir(tmp_path, tiny_dir, vocab=("vocab.bpe",), encoder_json=b'{"not": "the vocabulary"')
     line = assert_fails(cli("--model", str(directory / WEIGHTS), "--text", "Hello"), 1,
                         str(directory / "encoder.json"))
     assert "vocabulary" in line

@@ -4,6 +4,7 @@ and on CPU the 16-bit weights' exact values in FBGEMM's float16 products."""
 from __future__ import annotations
 
 import copy
+import functools
 import io
 
 import pytest
@@ -37,6 +38,7 @@ def ids():
     return torch.randint(0, 50257, (2, 96), generator=torch.Generator().manual_seed(0))
 
 
+@functools.cache  # each dtype's logits once: the tests only read them
 def _logits(directory, dtype_name: str, ids: torch.Tensor) -> torch.Tensor:
     model = load_model(directory, dtype=DTYPES[dtype_name], int8=dtype_name == "int8")
     with torch.inference_mode():

@@ -1,7 +1,7 @@
 """Property-based fuzzing (hypothesis): CLI arguments, the encoder, and raw prompt bytes.
 
-The CLI runs in-process (`main.main(argv)`) against a tiny random GPT-2 (1 layer, 32 wide, window 64, the
-real vocabulary); the tokenizer is loaded once (get_encoder is cached here; tests/test_encoder.py and
+The CLI runs in-process (`main.main(argv)`) against conftest's tiny random GPT-2 (`tiny_dir`: 1 layer, 32 wide,
+window 64, the real vocabulary); the tokenizer is loaded once (get_encoder is cached here; tests/test_encoder.py and
 tests/test_bad_inputs.py cover loading it). Valid runs ask for at most 3 samples of at most 3 tokens.
 
 An independent oracle says which argument combinations are valid: the run must then exit 0, and every
@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import Result, tiny_legacy_state
+from conftest import Result, offline, torch_threads
 from conftest import run_main as run_main_in_process
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
@@ -31,19 +29,11 @@ from hypothesis import strategies as st
 import gpt2.batching
 import gpt2.encoder
 
-N_EMBD, N_CTX, VOCAB = 32, 64, 50257
-LEGACY = "gpt2-pytorch_model.bin"
+N_CTX, VOCAB = 64, 50257
 
 
 # ---------------------------------------------------------------------------------------------------
-# fixtures: the tiny model, the encoder, an in-process runner
-
-
-@pytest.fixture(scope="module")
-def enc(vocab_dir: Path):
-    from gpt2.encoder import get_encoder
-
-    return get_encoder(vocab_dir)
+# fixtures: the tiny model, an in-process runner (the encoder is conftest's `enc`)
 
 
 class GuardTripped(Exception):
@@ -54,16 +44,8 @@ JOBS = {"made": 0}  # sample jobs created by the current run
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory, vocab_dir: Path) -> Path:
+def tiny(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
     """The tiny model directory, with the environment of an offline run in an empty working directory."""
-    directory = tmp_path_factory.mktemp("tiny")
-    state = tiny_legacy_state(VOCAB, N_EMBD, N_CTX, mask_buffers=False)  # no causal-mask buffers
-    torch.save(state, directory / LEGACY, _use_new_zipfile_serialization=False)
-    (directory / "config.json").write_text(json.dumps(
-        {"n_layer": 1, "n_embd": N_EMBD, "n_head": 2, "n_positions": N_CTX, "vocab_size": VOCAB}))
-    for name in ("encoder.json", "vocab.bpe"):
-        shutil.copy(vocab_dir / name, directory / name)
-    work = tmp_path_factory.mktemp("cwd")
     real_job = gpt2.batching.Job
 
     def guarded_job(*args, **kwargs):
@@ -72,17 +54,11 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, vocab_dir: Path) -> Path:
             raise GuardTripped("more than 100 jobs in one run")
         return real_job(*args, **kwargs)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared; a 32-wide model needs no more
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("GPT2_PYTORCH_CACHE", "HF_HOME", "HF_HUB_CACHE"):
-            mp.setenv(var, str(work / "cache"))
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.chdir(work)
+    # one thread: the machine is shared, and a 32-wide model needs no more
+    with offline(tmp_path_factory.mktemp("fuzz")) as mp, torch_threads(1):
         mp.setattr(gpt2.encoder, "get_encoder", functools.lru_cache(maxsize=2)(gpt2.encoder.get_encoder))
         mp.setattr(gpt2.batching, "Job", guarded_job)
-        yield directory
-    torch.set_num_threads(threads)
+        yield tiny_dir
 
 
 def run_main(argv: list[str], stdin: bytes = b"") -> Result:

@@ -9,7 +9,6 @@ preset's head geometry at a small depth, and left-padded batches against the sam
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -43,11 +42,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def ours_124m(legacy_dir: Path) -> GPT2LMHeadModel:
-    return load_model(legacy_dir)
 
 
 @pytest.fixture(scope="module")

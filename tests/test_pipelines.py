@@ -3,11 +3,11 @@ Shell pipelines and interactive use of main.py: prompt files and stdin, mixed-le
 --format jsonl, --stop, the interactive loop, --stats, SIGPIPE / SIGINT, and a real shell client
 (tests/shell_client.sh).
 
-main.py runs as a subprocess on a random-initialised 124M checkpoint in graykode's legacy layout (conftest's
-`legacy_dir`). Its samples are arbitrary tokens, so expected text is never written down: every sample is
-compared with the library run in-process (gpt2.sample.generate, gpt2.encoder), or with another run of main.py.
-Each run costs a torch import and a checkpoint load, so runs are few, short, and shared between tests through
-session fixtures.
+main.py runs on conftest's `tiny_1024_dir` (a random one-layer, 32-wide GPT-2 with a 1024-token window, in
+graykode's legacy layout): in-process (conftest.run_cli) where only its output matters, as a real subprocess
+where the process is the point: streaming through a pipe, a terminal (pty), SIGPIPE, SIGINT, a shell client.
+Its samples are arbitrary tokens, so expected text is never written down: every sample is compared with the
+library run in-process (gpt2.sample.generate, gpt2.encoder), or with another run of main.py.
 The in-process SampleText property test covers what random weights rarely produce: characters split over
 several tokens, and stop strings split over tokens.
 """
@@ -15,7 +15,6 @@ several tokens, and stop strings split over tokens.
 from __future__ import annotations
 
 import codecs
-import json
 import os
 import pty
 import re
@@ -28,25 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import assert_fails
+from conftest import LEGACY_WEIGHTS as WEIGHTS
+from conftest import MAIN, REPO, TIMEOUT, Library, assert_fails, ok, records
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpt2.checkpoint import load_model
-from gpt2.encoder import Encoder, get_encoder
-from gpt2.model import GPT2LMHeadModel
-from gpt2.sample import generate
+from gpt2.encoder import Encoder
 from gpt2.textstream import SampleText
 
-REPO = Path(__file__).resolve().parent.parent
-MAIN = REPO / "main.py"
 SHELL_CLIENT = REPO / "tests" / "shell_client.sh"
-WEIGHTS = "gpt2-pytorch_model.bin"
-TIMEOUT = 300  # seconds per CLI run: generous for 2 busy cores, but a hang still fails
-# One thread in the CLI runs and in the in-process oracle: the same kernels give bit-equal logits, and two-thread
-# runs on a shared 2-core machine wait on each other's OpenMP barriers.
-THREADS = 1
 SEPARATOR = "=" * 40
 
 # Mixed token lengths (1 to ~40 tokens), CJK and emoji; used as a prompt file with blank, whitespace-only and
@@ -61,7 +50,7 @@ PROMPTS = [
 PROMPT_FILE_TEXT = "Hello world\n\n日本語のテキストを書く\r\n   \nx\n\t\n" + "\n".join(PROMPTS[3:]) + "\n\n"
 GREEDY_LENGTH = 12
 STREAM_PROMPT = "東京の天気は🌸晴れ、そして"
-STREAM_SEED, STREAM_LENGTH = 5, 60
+STREAM_SEED, STREAM_LENGTH = 5, 300  # long enough on the tiny model that streaming takes visible time
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -69,87 +58,23 @@ STREAM_SEED, STREAM_LENGTH = 5, 60
 
 
 @pytest.fixture(scope="session")
-def weights(legacy_dir: Path) -> Path:
-    return legacy_dir / WEIGHTS
+def weights(tiny_1024_dir: Path) -> Path:
+    return tiny_1024_dir / WEIGHTS
 
 
 @pytest.fixture(scope="session")
-def enc(vocab_dir: Path) -> Encoder:
-    return get_encoder(vocab_dir)
-
-
-@dataclass
-class Library:
-    """The in-process oracle: the same checkpoint through the library."""
-
-    model: GPT2LMHeadModel
-    enc: Encoder
-
-    def generate(self, prompts: list[str], length: int, temperature: float = 0.7, top_k: int = 40,
-                 seed: int | None = None) -> list[list[int]]:
-        """One batch of prompts through gpt2.sample.generate: each row's new tokens, cut at end-of-text."""
-        eot = self.enc.eot_token
-        rows: list[list[int]] = [[] for _ in prompts]
-        done = [False] * len(prompts)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(THREADS)
-        try:
-            if seed is not None:
-                torch.manual_seed(seed)
-            for step in generate(self.model, [self.enc.encode(p) for p in prompts], length, temperature, top_k,
-                                 1.0, eot_token=eot):
-                for row, token in enumerate(step.tolist()):
-                    done[row] = done[row] or token == eot
-                    if not done[row]:
-                        rows[row].append(token)
-        finally:
-            torch.set_num_threads(threads)
-        return rows
+def lib(tiny_1024_lib: Library) -> Library:
+    return tiny_1024_lib
 
 
 @pytest.fixture(scope="session")
-def lib(weights: Path, enc: Encoder) -> Library:
-    return Library(load_model(weights), enc)
-
-
-@pytest.fixture(scope="session")
-def cli_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Offline, every cache in an empty temporary directory, unbuffered, one thread."""
-    cache = tmp_path_factory.mktemp("pipe-cache")
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", GPT2_PYTORCH_CACHE=str(cache / "gpt2-pytorch"), HF_HOME=str(cache / "hf"),
-               PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS=str(THREADS),
-               MKL_NUM_THREADS=str(THREADS))
-    env.pop("HF_HUB_CACHE", None)
-    return env
-
-
-@pytest.fixture(scope="session")
-def cli(cli_env: dict[str, str], weights: Path):
-    """main.py --model <the checkpoint> ARGS, stdin from `stdin` (bytes) or /dev/null."""
+def cli(run_cli, weights: Path):
+    """main.py --model <the checkpoint> ARGS in-process, stdin from `stdin` (bytes) or empty."""
 
     def run(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, str(MAIN), "--model", str(weights), *args],
-            input=stdin, stdin=subprocess.DEVNULL if stdin is None else None,
-            capture_output=True, env=cli_env, cwd=REPO, timeout=TIMEOUT,
-        )
+        return run_cli("--model", str(weights), *args, stdin=stdin)
 
     return run
-
-
-def ok(proc: subprocess.CompletedProcess) -> bytes:
-    """stdout of a run that must have succeeded (its stderr shown when it did not)."""
-    err = proc.stderr.decode("utf-8", "replace")
-    assert proc.returncode == 0, err
-    assert "Traceback" not in err, err
-    return proc.stdout
-
-
-def records(stdout: bytes) -> list[dict]:
-    """The JSON objects of a --format jsonl run: one per line, every line one object."""
-    assert stdout.endswith(b"\n"), stdout[-200:]
-    return [json.loads(line) for line in stdout.decode("utf-8").split("\n")[:-1]]
 
 
 def check_record_types(record: dict, seed: int, nprompts: int, nsamples: int, length: int) -> None:
@@ -462,7 +387,7 @@ def test_broken_pipe_exits_quietly(cli_env: dict[str, str], weights: Path) -> No
 
 def test_ctrl_c_exits_130_with_one_line(cli_env: dict[str, str], weights: Path) -> None:
     proc = subprocess.Popen([sys.executable, str(MAIN), "--model", str(weights), "--text", "Hello", "--quiet",
-                             "--seed", "1", "--length", "500"],
+                             "--seed", "1", "--length", "1000"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env,
                             cwd=REPO,
                             # as from an interactive shell, whatever this test process inherited
@@ -496,7 +421,7 @@ def test_shell_client(cli_env: dict[str, str], weights: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# bad input (caught before torch is imported: cheap)
+# bad input (in-process; the whole table is test_bad_inputs.py)
 
 
 @pytest.mark.parametrize(
