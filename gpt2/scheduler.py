@@ -57,7 +57,8 @@ class ContinuousBatcher:
                  top_p: float = 1.0, eot_token: int | None = None, cuda_graph: bool = True) -> None:
         if rows < 1:
             raise ValueError(f"rows must be at least 1, got {rows}")
-        self.model, self.temperature, self.top_k, self.top_p = model, temperature, top_k, top_p
+        self.model, self.rows = model, rows
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.eot_token = eot_token
         self.device = model.transformer.wte.weight.device
         self._rows: list[_Row | None] = [None] * rows
@@ -104,7 +105,7 @@ class ContinuousBatcher:
         if not self.free:
             raise RuntimeError("no free row: step() or finish() a sample first")
         if len(prompt) + max_new_tokens > self.slots:  # rows keep what they hold; a CUDA graph is captured anew
-            self.model.setup_caches(len(self._rows), len(prompt) + max_new_tokens, keep=True)
+            self.model.setup_caches(self.rows, len(prompt) + max_new_tokens, keep=True)
             self._step = None
         index = self._rows.index(None)
         caches = self.model.kv_caches()
@@ -163,7 +164,7 @@ class ContinuousBatcher:
         if self._graph:
             from gpt2.cuda_graph import decode_graph
 
-            return decode_graph(self.model, len(self._rows), per_row=True)
+            return decode_graph(self.model, self.rows, per_row=True)
 
         def step(token: Tensor, slot: Tensor, position: Tensor, key_valid: Tensor) -> Tensor:
             return self.model(token.unsqueeze(1), slot, position, key_valid, last_only=True)[:, -1]
