@@ -62,10 +62,13 @@ class ContinuousBatcher:
         self.eot_token = eot_token
         self.device = model.transformer.wte.weight.device
         self._rows: list[_Row | None] = [None] * rows
+        # At rows == 1 the cache has a spare, idle row: a one-row product can round differently from a
+        # many-row one (the CPU's float32 LM head), and a sample's tokens must not depend on the batch size.
+        self._cache_rows = max(rows, 2)
         self._where: dict[Hashable, int] = {}
         self._graph = cuda_graph and self.device.type == "cuda"
         self._step = None  # the decode step, made (or captured) at the first one after the caches change
-        model.setup_caches(rows, 1)
+        model.setup_caches(self._cache_rows, 1)
 
     def __enter__(self) -> ContinuousBatcher:
         return self
@@ -105,7 +108,7 @@ class ContinuousBatcher:
         if not self.free:
             raise RuntimeError("no free row: step() or finish() a sample first")
         if len(prompt) + max_new_tokens > self.slots:  # rows keep what they hold; a CUDA graph is captured anew
-            self.model.setup_caches(self.rows, len(prompt) + max_new_tokens, keep=True)
+            self.model.setup_caches(self._cache_rows, len(prompt) + max_new_tokens, keep=True)
             self._step = None
         index = self._rows.index(None)
         caches = self.model.kv_caches()
@@ -147,7 +150,7 @@ class ContinuousBatcher:
     def _decode(self) -> Tensor:
         """Feed every pending token at its row's next slot; logits (rows, vocab). A row without one (idle
         or just filled) writes a dummy at its next slot, which its own next token overwrites first."""
-        rows = self._rows
+        rows = self._rows + [None] * (self._cache_rows - self.rows)
         token = torch.tensor([0 if r is None or r.pending is None else r.pending for r in rows], device=self.device)
         slot = torch.tensor([0 if r is None else r.length for r in rows], device=self.device).unsqueeze(1)  # (B, 1)
         key_valid = torch.arange(self.slots, device=self.device) <= slot  # (B, slots)
@@ -164,7 +167,7 @@ class ContinuousBatcher:
         if self._graph:
             from gpt2.cuda_graph import decode_graph
 
-            return decode_graph(self.model, self.rows, per_row=True)
+            return decode_graph(self.model, self._cache_rows, per_row=True)
 
         def step(token: Tensor, slot: Tensor, position: Tensor, key_valid: Tensor) -> Tensor:
             return self.model(token.unsqueeze(1), slot, position, key_valid, last_only=True)[:, -1]
