@@ -106,10 +106,6 @@ def run_jobs(batcher: ContinuousBatcher, prompts: Iterable[Prompt], nsamples: in
     final (see SampleText). A UsageError from `prompts` (a prompt that does not fit) is raised once the
     samples started before it are yielded.
     """
-    import torch
-
-    from gpt2.textstream import SampleText
-
     prompts = iter(prompts)
     running: dict[int, Job] = {}
     done: dict[int, Job] = {}
@@ -132,18 +128,8 @@ def run_jobs(batcher: ContinuousBatcher, prompts: Iterable[Prompt], nsamples: in
                 except UsageError as exc:
                     error = exc
                     break
-            job = Job(current, next_sample)
+            running[started] = _start(batcher, started, Job(current, next_sample), enc, stops, seed)
             next_sample += 1
-            job.text, job.started = SampleText(enc, stops), time.perf_counter()
-            need = len(current.context) + current.length
-            if need > batcher.slots:
-                check_memory(batcher.model, batcher.rows, need)
-            generator = None
-            if seed is not None and batcher.temperature > 0:
-                generator = torch.Generator(batcher.device).manual_seed(
-                    sample_seed(seed, current.index, job.sample_index))
-            batcher.add(started, current.context, current.length, generator)
-            running[started] = job
             started += 1
         if not batcher.busy and returned == started:
             break
@@ -164,6 +150,24 @@ def run_jobs(batcher: ContinuousBatcher, prompts: Iterable[Prompt], nsamples: in
             returned += 1
     if error is not None:
         raise error
+
+
+def _start(batcher: ContinuousBatcher, key: int, job: Job, enc: Encoder, stops: Sequence[str],
+           seed: int | None) -> Job:
+    """Start `job` in a free row of the batcher under `key`; with `seed`, on its own generator."""
+    import torch
+
+    from gpt2.textstream import SampleText
+
+    prompt = job.prompt
+    job.text, job.started = SampleText(enc, stops), time.perf_counter()
+    if len(prompt.context) + prompt.length > batcher.slots:  # the caches are about to grow
+        check_memory(batcher.model, batcher.rows, len(prompt.context) + prompt.length)
+    generator = None
+    if seed is not None and batcher.temperature > 0:
+        generator = torch.Generator(batcher.device).manual_seed(sample_seed(seed, prompt.index, job.sample_index))
+    batcher.add(key, prompt.context, prompt.length, generator)
+    return job
 
 
 def check_memory(model: GPT2LMHeadModel, rows: int, slots: int) -> None:
