@@ -131,10 +131,10 @@ def open_prompt_file(args: argparse.Namespace) -> PromptLines:
     if args.prompt_file == "-":
         return PromptLines(sys.stdin.buffer, "-", args.shard or (0, 1))
     try:
-        stream = open(args.prompt_file, "rb")  # noqa: SIM115 (the reader thread owns it; closed with the process)
+        stream = open(args.prompt_file, "rb")  # noqa: SIM115 (the reader thread closes it)
     except OSError as exc:
         raise UsageError(f"cannot read --prompt_file {args.prompt_file}: {exc.strerror}") from exc
-    return PromptLines(stream, args.prompt_file, args.shard or (0, 1))
+    return PromptLines(stream, args.prompt_file, args.shard or (0, 1), owned=True)
 
 
 def read_prompts(args: argparse.Namespace) -> list[str | None] | None:

@@ -21,15 +21,24 @@ QUEUE_LINES = 64  # prompts read ahead of generation, at most
 class PromptLines:
     """The prompts of `stream` as (prompt index, text), index counted over non-blank lines, for shard
     (K, N) only those whose index is K modulo N. Iterating blocks until the next one is read; `ready()`
-    says whether it would not. A file without any prompt is a UsageError, raised when iteration gets there."""
+    says whether it would not. A file without any prompt is a UsageError, raised when iteration gets there.
+    With `owned`, the stream is closed once reading ends."""
 
-    def __init__(self, stream: BinaryIO, name: str, shard: tuple[int, int] = (0, 1)) -> None:
-        self._stream, self._name, self._shard = stream, name, shard
+    def __init__(self, stream: BinaryIO, name: str, shard: tuple[int, int] = (0, 1), owned: bool = False) -> None:
+        self._stream, self._name, self._shard, self._owned = stream, name, shard, owned
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_LINES)
         self._closed = threading.Event()
         threading.Thread(target=self._read, name="prompt-lines", daemon=True).start()
 
     def _read(self) -> None:
+        try:
+            self._put(self._read_lines())
+        finally:
+            if self._owned:
+                self._stream.close()
+
+    def _read_lines(self) -> UsageError | None:
+        """Queue every prompt; return what ends the input: None, or the error to raise there."""
         count, (k, n) = 0, self._shard
         try:
             for line in iter(self._stream.readline, b""):
@@ -38,12 +47,11 @@ class PromptLines:
                 if not text.strip():
                     continue
                 if count % n == k and not self._put((count, text)):
-                    return
+                    return None  # closed: nobody reads the end
                 count += 1
-            end = None if count else UsageError(f"no prompts in {self._name}: give one prompt per line")
-        except (OSError, ValueError) as exc:  # ValueError: the stream was closed under the thread
-            end = UsageError(f"cannot read --prompt_file {self._name}: {getattr(exc, 'strerror', None) or exc}")
-        self._put(end)
+        except OSError as exc:
+            return UsageError(f"cannot read --prompt_file {self._name}: {exc.strerror or exc}")
+        return None if count else UsageError(f"no prompts in {self._name}: give one prompt per line")
 
     def _put(self, item: object) -> bool:
         """Queue item unless close() was called first (then False)."""
@@ -66,5 +74,5 @@ class PromptLines:
             yield item
 
     def close(self) -> None:
-        """Stop reading (a thread blocked on a full queue ends; one blocked on a pipe ends with the process)."""
+        """Stop reading: a thread waiting on a full queue ends now, one waiting on a pipe with the process."""
         self._closed.set()
