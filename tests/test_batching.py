@@ -357,3 +357,14 @@ def test_cuda_graph_rows_sample_what_eager_rows_sample(small_dir: Path) -> None:
                     got[event.key].append(event.token)
         runs.append(got)
     assert runs[0] == runs[1]
+
+
+def test_the_bpe_memo_is_bounded(vocab_dir: Path) -> None:
+    # a stream of prompts with ever new words (numbers, names) must not grow the encoder's memory for ever
+    import gpt2.encoder
+
+    enc = get_encoder(vocab_dir)
+    words = gpt2.encoder.BPE_CACHE_WORDS + 10
+    tokens = enc.encode(" ".join(f"w{i}" for i in range(words)))
+    assert len(enc.cache) <= gpt2.encoder.BPE_CACHE_WORDS
+    assert enc.decode(tokens) == " ".join(f"w{i}" for i in range(words))
