@@ -1,9 +1,12 @@
-"""Many samples of many prompts: prompts encoded with their token budgets, the jobs (one per sample),
-and the memory check that refuses a batch before it would swap."""
+"""Many samples of many prompts: prompts encoded with their token budgets, the jobs (one per sample), the
+continuous run of a stream of prompts (run_jobs), each sample's own seed, and the memory check that
+refuses a batch before it would swap."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import hashlib
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -12,6 +15,7 @@ from gpt2.errors import UsageError
 
 if TYPE_CHECKING:
     from gpt2.model import GPT2LMHeadModel
+    from gpt2.scheduler import ContinuousBatcher
     from gpt2.textstream import SampleText
 
 
@@ -62,15 +66,12 @@ def encode_prompt(index: int, text: str | None, enc: Encoder, n_ctx: int, length
     return Prompt(index, text, context, resolve_length(length, len(context), n_ctx))
 
 
-def encode_prompts(texts: Sequence[str | None], enc: Encoder, n_ctx: int, length: int | None) -> list[Prompt]:
-    """encode_prompt for each text; an error names the prompt's number when there are several."""
-    prompts = []
-    for index, text in enumerate(texts):
-        try:
-            prompts.append(encode_prompt(index, text, enc, n_ctx, length))
-        except UsageError as exc:
-            raise UsageError(f"prompt {index + 1}: {exc}" if len(texts) > 1 else str(exc)) from None
-    return prompts
+def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """The seed of one sample's own generator: the first 8 bytes (little-endian) of
+    sha256("{seed}:{prompt_index}:{sample_index}"), less the top bit. A sample then draws the same tokens
+    whatever else runs beside it, at any batch size, in any shard."""
+    digest = hashlib.sha256(f"{seed}:{prompt_index}:{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def iter_batches(prompts: Iterable[Prompt], nsamples: int, batch_size: int) -> Iterator[list[Job]]:
@@ -84,6 +85,89 @@ def iter_batches(prompts: Iterable[Prompt], nsamples: int, batch_size: int) -> I
                 batch = []
     if batch:
         yield batch
+
+
+def reorder_window(rows: int) -> int:
+    """Samples that may be started past the oldest one not yet returned: this bounds what run_jobs holds
+    back to keep its output in input order, while a long sample makes later, shorter ones wait."""
+    return max(64, 4 * rows)
+
+
+def run_jobs(batcher: ContinuousBatcher, prompts: Iterable[Prompt], nsamples: int, enc: Encoder,
+             stops: Sequence[str], seed: int | None, ready: Callable[[], bool] | None = None,
+             on_token: Callable[[Job, str], None] | None = None) -> Iterator[Job]:
+    """Every sample of every prompt through the continuous batcher; each finished job is yielded in input
+    order (prompt, then sample), as soon as every earlier one has been.
+
+    Prompts are pulled one at a time as rows free up. With `ready` (is the next prompt there already?),
+    a prompt is pulled while samples are running only when it is there, and waited for only when every
+    row is idle. With `seed`, each sample draws from its own generator seeded with sample_seed; with None,
+    from torch's global one. `on_token(job, text)` is called for every token drawn, with the text it made
+    final (see SampleText). A UsageError from `prompts` (a prompt that does not fit) is raised once the
+    samples started before it are yielded.
+    """
+    prompts = iter(prompts)
+    running: dict[int, Job] = {}
+    done: dict[int, Job] = {}
+    started = returned = 0
+    window = reorder_window(batcher.rows)
+    current: Prompt | None = None
+    next_sample = nsamples
+    error: UsageError | None = None
+    exhausted = False
+    while True:
+        while batcher.free and not exhausted and error is None and started < returned + window:
+            if next_sample == nsamples:
+                if batcher.busy and ready is not None and not ready():
+                    break  # keep decoding; look again after the next step
+                try:
+                    current, next_sample = next(prompts), 0
+                except StopIteration:
+                    exhausted = True
+                    break
+                except UsageError as exc:
+                    error = exc
+                    break
+            running[started] = _start(batcher, started, Job(current, next_sample), enc, stops, seed)
+            next_sample += 1
+            started += 1
+        if not batcher.busy and returned == started:
+            break
+        for event in batcher.step():
+            job = running[event.key]
+            piece = job.text.push(event.token)
+            if event.last:
+                piece += job.text.finish("length")
+            elif job.text.done:
+                batcher.finish(event.key)
+            if on_token is not None:
+                on_token(job, piece)
+            if job.text.done:
+                job.finished = time.perf_counter()
+                done[event.key] = running.pop(event.key)
+        while returned in done:
+            yield done.pop(returned)
+            returned += 1
+    if error is not None:
+        raise error
+
+
+def _start(batcher: ContinuousBatcher, key: int, job: Job, enc: Encoder, stops: Sequence[str],
+           seed: int | None) -> Job:
+    """Start `job` in a free row of the batcher under `key`; with `seed`, on its own generator."""
+    import torch
+
+    from gpt2.textstream import SampleText
+
+    prompt = job.prompt
+    job.text, job.started = SampleText(enc, stops), time.perf_counter()
+    if len(prompt.context) + prompt.length > batcher.slots:  # the caches are about to grow
+        check_memory(batcher.model, batcher.rows, len(prompt.context) + prompt.length)
+    generator = None
+    if seed is not None and batcher.temperature > 0:
+        generator = torch.Generator(batcher.device).manual_seed(sample_seed(seed, prompt.index, job.sample_index))
+    batcher.add(key, prompt.context, prompt.length, generator)
+    return job
 
 
 def check_memory(model: GPT2LMHeadModel, rows: int, slots: int) -> None:

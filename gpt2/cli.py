@@ -13,11 +13,11 @@ import os
 import random
 import sys
 import time
-from pathlib import Path
 
 from gpt2 import __version__
-from gpt2.batching import Job, Prompt, check_memory, encode_prompts, iter_batches
+from gpt2.batching import Job, Prompt, check_memory, encode_prompt, iter_batches
 from gpt2.errors import GPT2Error, UsageError
+from gpt2.promptfile import PromptLines
 
 DTYPES = ("float32", "bfloat16", "float16", "int8")
 SEPARATOR = "=" * 40
@@ -38,12 +38,27 @@ def _flag_value(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
+def _shard(value: str) -> tuple[int, int]:
+    """--shard K/N: this run's share, K of N (0 <= K < N)."""
+    k, slash, n = value.partition("/")
+    try:
+        shard = int(k), int(n)
+    except ValueError:
+        shard = None
+    if not slash or shard is None or not 0 <= shard[0] < shard[1]:
+        raise argparse.ArgumentTypeError(f"expected K/N with 0 <= K < N (this run's share K of N), got {value!r}")
+    return shard
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = Parser(prog=prog, description="Generate text with GPT-2 (samples on stdout, logs on stderr).")
     p.add_argument("--text", help="the prompt; without it (and without --prompt_file) read from stdin, or asked "
                                   "for interactively when stdin is a terminal")
     p.add_argument("--prompt_file", metavar="FILE",
-                   help="one prompt per line (blank lines skipped); - reads them from stdin")
+                   help="one prompt per line (blank lines skipped), read as they come; - reads them from stdin")
+    p.add_argument("--shard", type=_shard, default=None, metavar="K/N",
+                   help="with --prompt_file: only the prompts whose index is K modulo N (records keep their "
+                        "prompt_index), to split a file across runs")
     p.add_argument("--quiet", nargs="?", const=True, default=False, type=_flag_value, metavar="True|False",
                    help="print only the samples, no header or separators (graykode's --quiet True works too)")
     p.add_argument("--nsamples", type=int, default=1, help="samples per prompt (default 1)")
@@ -92,6 +107,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
     if args.prompt_file is not None and (args.text is not None or args.unconditional):
         raise UsageError("--prompt_file cannot be combined with --text or --unconditional: pick one")
+    if args.shard is not None and args.prompt_file is None:
+        raise UsageError("--shard needs --prompt_file: it splits a file of prompts across runs")
     if any(not s for s in args.stop):
         raise UsageError("--stop needs a non-empty string")
 
@@ -109,23 +126,21 @@ def _argv_text(value: str) -> str:
         return value.encode("utf-8", "replace").decode("utf-8")
 
 
+def open_prompt_file(args: argparse.Namespace) -> PromptLines:
+    """--prompt_file's prompts, read from now on as they come (gpt2.promptfile)."""
+    if args.prompt_file == "-":
+        return PromptLines(sys.stdin.buffer, "-", args.shard or (0, 1))
+    try:
+        stream = open(args.prompt_file, "rb")  # noqa: SIM115 (the reader thread closes it)
+    except OSError as exc:
+        raise UsageError(f"cannot read --prompt_file {args.prompt_file}: {exc.strerror}") from exc
+    return PromptLines(stream, args.prompt_file, args.shard or (0, 1), owned=True)
+
+
 def read_prompts(args: argparse.Namespace) -> list[str | None] | None:
-    """The prompts of a non-interactive run; [None] when unconditional; None means interactive."""
+    """The prompt of a --text, stdin or unconditional run; [None] when unconditional; None means interactive."""
     if args.unconditional:
         return [None]
-    if args.prompt_file is not None:
-        if args.prompt_file == "-":
-            data = sys.stdin.buffer.read()
-        else:
-            try:
-                data = Path(args.prompt_file).read_bytes()
-            except OSError as exc:
-                raise UsageError(f"cannot read --prompt_file {args.prompt_file}: {exc.strerror}") from exc
-        prompts = [line.removesuffix("\r") for line in _decode_input(data).split("\n")]
-        prompts = [p for p in prompts if p.strip()]
-        if not prompts:
-            raise UsageError(f"no prompts in {args.prompt_file}: give one prompt per line")
-        return prompts
     text = None if args.text is None else _argv_text(args.text)
     if text is None:
         if sys.stdin.isatty():
@@ -160,15 +175,22 @@ class Output:
         self.stream = sys.stdout.buffer
         self.jsonl = args.format == "jsonl"
         self.layout = not args.quiet and not self.jsonl
+        self._header = ""  # a header held back until the first sample is written
 
     def write(self, text: str) -> None:
         # UTF-8 whatever the locale, flushed so that a reader sees every token as it comes.
-        self.stream.write(text.encode("utf-8"))
+        self.stream.write((self._header + text).encode("utf-8"))
         self.stream.flush()
+        self._header = ""
 
-    def header(self, settings: dict) -> None:
+    def header(self, settings: dict, lazy: bool = False) -> None:
+        """The settings line; `lazy` holds it back until the first sample (none if a run fails first)."""
         if self.layout:
-            self.write(f"Namespace({', '.join(f'{k}={v!r}' for k, v in settings.items())})\n")
+            line = f"Namespace({', '.join(f'{k}={v!r}' for k, v in settings.items() if k != 'shard' or v)})\n"
+            if lazy:
+                self._header = line
+            else:
+                self.write(line)
 
     def sample_start(self, job: Job) -> None:
         if not self.layout:
@@ -273,9 +295,64 @@ def _check_memory(model, prompts: list[Prompt], rows: int) -> None:
     check_memory(model, rows, slots)
 
 
+def run_prompt_file(model, enc, lines: PromptLines, args: argparse.Namespace, out: Output, stats: Stats,
+                    settings: dict) -> int:
+    """Every sample of every prompt of the file, continuously batched (gpt2.batching.run_jobs); each written
+    as soon as it and every earlier one are done. At --batch_size 1 the text layout streams as it comes."""
+    from gpt2.batching import run_jobs
+    from gpt2.scheduler import ContinuousBatcher
+
+    def prompts():
+        for index, text in lines:
+            try:
+                yield encode_prompt(index, text, enc, model.config.n_ctx, args.length)
+            except UsageError as exc:
+                raise UsageError(f"prompt {index + 1}: {exc}") from None
+
+    streaming = args.batch_size == 1 and not out.jsonl
+    shown: list[Job] = []  # the job whose text is streaming
+
+    def on_token(job: Job, piece: str) -> None:
+        stats.token(1)
+        if streaming:
+            if not shown or shown[-1] is not job:
+                shown[:] = [job]
+                out.sample_start(job)
+            out.sample_text(piece)
+
+    progress = None
+    if not args.quiet and sys.stderr.isatty() and not (streaming and sys.stdout.isatty()):
+        from tqdm import tqdm
+
+        progress = tqdm(unit="sample", leave=False, file=sys.stderr)
+    out.header(settings, lazy=True)
+    with ContinuousBatcher(model, args.batch_size, args.temperature, args.top_k, args.top_p,
+                           enc.eot_token) as batcher:
+        for job in run_jobs(batcher, prompts(), args.nsamples, enc, args.stop, out.seed, lines.ready, on_token):
+            if not streaming:
+                out.sample_start(job)
+                out.sample_text(job.text.text)
+            out.sample_end(job)
+            if progress is not None:
+                progress.update()
+    if progress is not None:
+        progress.close()
+    stats.report()
+    return 0
+
+
 def run(args: argparse.Namespace, prog: str) -> int:
     check_args(args)
-    texts = read_prompts(args)
+    lines = open_prompt_file(args) if args.prompt_file is not None else None
+    try:
+        return _run(args, prog, lines)
+    finally:
+        if lines is not None:
+            lines.close()
+
+
+def _run(args: argparse.Namespace, prog: str, lines: PromptLines | None) -> int:
+    texts = read_prompts(args) if lines is None else []
     import torch
 
     from gpt2.checkpoint import load_model
@@ -296,8 +373,11 @@ def run(args: argparse.Namespace, prog: str) -> int:
                         f"{len(enc.encoder)} tokens: use the vocabulary files that belong to this checkpoint")
     stats.loaded()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
-    torch.manual_seed(seed)
     out = Output(args, seed)
+    if lines is not None:  # each sample draws from its own generator (gpt2.batching.sample_seed)
+        settings = dict(vars(args), seed=seed, device=str(device))  # length: as given, None for the default
+        return run_prompt_file(model, enc, lines, args, out, stats, settings)
+    torch.manual_seed(seed)
 
     if texts is None:  # interactive, as openai/gpt-2's interactive_conditional_samples.py
         out.header(dict(vars(args), seed=seed, device=str(device)))
@@ -311,7 +391,7 @@ def run(args: argparse.Namespace, prog: str) -> int:
                 print("Prompt should not be empty!", file=sys.stderr)
                 continue
             try:
-                prompts = encode_prompts([text], enc, model.config.n_ctx, args.length)
+                prompts = [encode_prompt(0, text, enc, model.config.n_ctx, args.length)]
                 _check_memory(model, prompts, min(args.batch_size, args.nsamples))
             except UsageError as exc:
                 print(f"{prog}: error: {exc}", file=sys.stderr)
@@ -320,10 +400,9 @@ def run(args: argparse.Namespace, prog: str) -> int:
                 generate_batch(model, enc, batch, args, out, stats)
             stats.report()
 
-    prompts = encode_prompts(texts, enc, model.config.n_ctx, args.length)
-    _check_memory(model, prompts, min(args.batch_size, args.nsamples * len(prompts)))
-    lengths = sorted({p.length for p in prompts})
-    out.header(dict(vars(args), length=lengths[0] if len(lengths) == 1 else lengths, seed=seed, device=str(device)))
+    prompts = [encode_prompt(0, texts[0], enc, model.config.n_ctx, args.length)]
+    _check_memory(model, prompts, min(args.batch_size, args.nsamples))
+    out.header(dict(vars(args), length=prompts[0].length, seed=seed, device=str(device)))
     for batch in iter_batches(prompts, args.nsamples, args.batch_size):
         generate_batch(model, enc, batch, args, out, stats)
     stats.report()

@@ -33,6 +33,7 @@ import regex
 from gpt2.errors import GPT2Error
 
 ENDOFTEXT = "<|endoftext|>"
+BPE_CACHE_WORDS = 10_000  # bpe() results kept, at most (a few MB)
 
 # GPT-2's pre-tokenising pattern, verbatim. In order: the common English contractions (only lower
 # case, a quirk of the original: "DON'T" splits differently from "don't"); an optional space followed
@@ -108,8 +109,8 @@ class Encoder:
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         # rank = position in the merge list; lower means "merged earlier in training", i.e. higher priority
         self.bpe_ranks = dict(zip(bpe_merges, range(len(bpe_merges))))
-        # memo for bpe(): text repeats words a lot, and the merge loop is the slow part. Unbounded, as in
-        # openai/gpt-2; it holds one entry per distinct word seen, which is small for a CLI session.
+        # memo for bpe(): text repeats words a lot, and the merge loop is the slow part. Emptied when it
+        # holds BPE_CACHE_WORDS words, so that a stream of prompts (--prompt_file -) keeps memory flat.
         self.cache: dict[str, str] = {}
 
         if ENDOFTEXT not in encoder:
@@ -195,6 +196,8 @@ class Encoder:
             word = tuple(merged)
 
         result = " ".join(word)
+        if len(self.cache) >= BPE_CACHE_WORDS:
+            self.cache.clear()
         self.cache[token] = result
         return result
 

@@ -20,25 +20,40 @@ CACHE_SLOT_STEP = 64  # KV caches are allocated in multiples of this many slots 
 class KVCache(nn.Module):
     """Keys and values of one block for every position so far, written in place (no cat per step)."""
 
-    def __init__(self, batch_size: int, n_head: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, k: Tensor, v: Tensor) -> None:
+        """Over the tensors k and v (B, n_head, S_max, head_dim), which may be views of another cache's."""
         super().__init__()
-        shape = (batch_size, n_head, max_len, head_dim)  # (B, n_head, S_max, head_dim)
+        self.register_buffer("k", k, persistent=False)
+        self.register_buffer("v", v, persistent=False)
+
+    @classmethod
+    def zeros(cls, batch_size: int, n_head: int, max_len: int, head_dim: int,
+              dtype: torch.dtype, device: torch.device) -> KVCache:
         # Zeros: a step at a tensor slot reads every slot (masked), and a masked NaN would still poison
         # the product with the values.
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (batch_size, n_head, max_len, head_dim)  # (B, n_head, S_max, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
     @property
     def slots(self) -> int:
         return self.k.size(2)
 
+    def row(self, index: int) -> KVCache:
+        """A batch-1 cache over row `index` of this one: what a prompt run alone writes lands in that row."""
+        return KVCache(self.k[index:index + 1], self.v[index:index + 1])
+
     def update(self, start: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v (B, n_head, T, head_dim) at slots start..start+T; return all slots up to there, or
-        every slot when `start` is a (T,) tensor of slot numbers (the same shapes at every step)."""
+        every slot when `start` is a tensor of slot numbers (the same shapes at every step): (T,) for
+        every row alike, or (B, T) for each row its own."""
         if isinstance(start, Tensor):
-            self.k.index_copy_(2, start, k)
-            self.v.index_copy_(2, start, v)
+            if start.dim() == 2:
+                rows = torch.arange(k.size(0), device=k.device).unsqueeze(1)  # (B, 1)
+                self.k[rows, :, start] = k.transpose(1, 2)  # (B, T, n_head, head_dim) into (B, n_head, S_max, ...)
+                self.v[rows, :, start] = v.transpose(1, 2)
+            else:
+                self.k.index_copy_(2, start, k)
+                self.v.index_copy_(2, start, v)
             return self.k, self.v
         end = start + k.size(2)
         self.k[:, :, start:end] = k
@@ -136,25 +151,35 @@ class GPT2LMHeadModel(nn.Module):
         gpt2.quantize gave a bfloat16 or float16 model float16-weight products with float32 activations."""
         return self.transformer.ln_f.weight.dtype
 
-    def setup_caches(self, batch_size: int, max_len: int) -> None:
+    def setup_caches(self, batch_size: int, max_len: int, keep: bool = False) -> None:
         """Give every block a KV cache of at least `max_len` slots for `batch_size` rows.
 
         The previous caches are reused when they are large enough for the same batch size: sizes are
         rounded up to CACHE_SLOT_STEP slots, so a long run of prompts of similar length allocates them
         once instead of leaving the allocator a differently sized hole per prompt. Slots are not
         positions: with left-padded prompts a row's positions start after its padding, so a batch may
-        hold more slots than the context window.
+        hold more slots than the context window. With `keep`, caches that must grow keep what they hold
+        (a continuous batch, gpt2.scheduler, growing mid-run).
         """
         weight = self.transformer.wte.weight
         dtype = self.activation_dtype
         kept = self._kv_caches[0].k if self._kv_caches else None
         if kept is None or kept.size(0) != batch_size or kept.size(2) < max_len or kept.dtype != dtype \
                 or kept.device != weight.device:
-            self._kv_caches = []  # freed before the new ones are allocated
+            old = self._kv_caches if keep and kept is not None and kept.size(0) == batch_size else []
+            self._kv_caches = []  # without `keep`, freed before the new ones are allocated
             slots = -(-max_len // CACHE_SLOT_STEP) * CACHE_SLOT_STEP
-            self._kv_caches = [KVCache(batch_size, self.config.n_head, slots, self.config.head_dim,
-                                       dtype, weight.device) for _ in self.transformer.h]
-        for block, cache in zip(self.transformer.h, self._kv_caches):
+            self._kv_caches = [KVCache.zeros(batch_size, self.config.n_head, slots, self.config.head_dim,
+                                             dtype, weight.device) for _ in self.transformer.h]
+            for before, after in zip(old, self._kv_caches):
+                after.k[:, :, :before.slots] = before.k
+                after.v[:, :, :before.slots] = before.v
+        self.use_caches(self._kv_caches)
+
+    def use_caches(self, caches: list[KVCache]) -> None:
+        """Have the blocks read and write these caches, one per block: those of setup_caches, or views
+        of one row of them (KVCache.row) while a prompt is run into that row alone."""
+        for block, cache in zip(self.transformer.h, caches, strict=True):
             block.attn.kv_cache = cache
 
     def kv_caches(self) -> list[KVCache]:
@@ -176,9 +201,10 @@ class GPT2LMHeadModel(nn.Module):
         position_ids (B, T) default to the slot numbers; key_valid (B, start+T or more) marks the slots
         that hold real tokens (False for left padding). last_only computes the logits of the last slot only.
 
-        `start` may also be a (1,) tensor, with T = 1 and caches set up: then attention reads every cache
-        slot, masked, so that every step has the same shapes and no host-side numbers (what a CUDA graph
-        replays, gpt2.cuda_graph).
+        `start` may also be a tensor, with T = 1 and caches set up: (1,), one slot for every row, or (B, 1),
+        each row's own slot (position_ids then default to it; gpt2.scheduler). Attention then reads every
+        cache slot, masked, so that every step has the same shapes and no host-side numbers (what a CUDA
+        graph replays, gpt2.cuda_graph).
         """
         x = self.hidden_states(idx, start, position_ids, key_valid)
         if last_only:
@@ -194,7 +220,9 @@ class GPT2LMHeadModel(nn.Module):
         up, this is how a part of a prompt that needs no logits fills them."""
         B, T = idx.shape
         device = idx.device
-        if position_ids is None:
+        if position_ids is None and isinstance(start, Tensor) and start.dim() == 2:
+            position_ids = start  # (B, T): each row's own slots
+        elif position_ids is None:
             position_ids = (start + torch.arange(T, device=device)).unsqueeze(0)  # (1, T)
         x = self.transformer.wte(idx) + self.transformer.wpe(position_ids)  # (B, T, n_embd)
         keys = self._kv_caches[0].slots if isinstance(start, Tensor) else start + T
@@ -209,9 +237,12 @@ class GPT2LMHeadModel(nn.Module):
         """None where SDPA's own causal flag is exact; else a (B, 1, T, keys) bool mask over key slots 0..keys."""
         if key_valid is None and isinstance(start, int) and (start == 0 or T == 1):
             return None
-        query_slot = (start + torch.arange(T, device=device)).unsqueeze(1)  # (T, 1)
-        key_slot = torch.arange(keys, device=device).unsqueeze(0)  # (1, keys)
-        mask = (key_slot <= query_slot).unsqueeze(0)  # (1, T, keys)
+        if isinstance(start, Tensor) and start.dim() == 2:
+            query_slot = start.unsqueeze(2)  # (B, T, 1): each row's own slots
+        else:
+            query_slot = (start + torch.arange(T, device=device)).view(1, T, 1)  # (1, T, 1)
+        key_slot = torch.arange(keys, device=device).view(1, 1, keys)  # (1, 1, keys)
+        mask = key_slot <= query_slot  # (B or 1, T, keys)
         if key_valid is not None:
             # A padding slot still sees itself, so that no row of the softmax is empty (NaN).
             mask = mask & (key_valid[:, None, :keys] | (key_slot == query_slot))  # (B, T, keys)

@@ -54,6 +54,18 @@ def next_token(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: 
     return draw_one(F.softmax(logits, dim=-1), generator)
 
 
+def next_tokens(logits: Tensor, temperature: float, top_k: int, top_p: float,
+                generators: Sequence[torch.Generator | None]) -> Tensor:
+    """One token per row (B,), each row drawn from its own generator (None: torch's global one): every row
+    gets the token next_token gives it alone, whatever the other rows are (gpt2.scheduler)."""
+    if temperature == 0:
+        return logits.float().argmax(dim=-1)
+    if len(generators) != logits.size(0):
+        raise ValueError(f"{len(generators)} generators for {logits.size(0)} rows: give one per row")
+    return torch.cat([next_token(logits[row:row + 1], temperature, top_k, top_p, generator)
+                      for row, generator in enumerate(generators)])
+
+
 _LOW_53_BITS = (1 << 53) - 1
 # Above this many nonzero probabilities in a batch, the Python side of draw_one costs more than it saves.
 DRAW_MAX_CANDIDATES = 4096

@@ -10,6 +10,7 @@ prints one markdown table (medians with min-max, ratios ours / transformers) on 
     python scripts/bench.py --quick         # 3 runs of 16 tokens, no batch-8 or CLI rows
     python scripts/bench.py --output bench.md
     python scripts/bench.py --device cuda   # on a GPU: adds float16, times with CUDA synchronisation
+    python scripts/bench.py --many-prompts  # only continuous vs static batching of a prompt file
 
 Rows: decode tokens/s (batch 1 and 8, every dtype), time to first token, 512-token prefill, process start
 to first forward with peak RSS (fresh child processes), CLI end-to-end wall time (fresh processes), and
@@ -513,6 +514,169 @@ def time_cli(directory: Path, runs: int, device: str) -> tuple[dict[str, Stat], 
     return {kind: Stat(tuple(values)) for kind, values in seconds.items()}, len(texts) == 1
 
 
+# --------------------------------------------------------------------------- many prompts (--many-prompts)
+
+MANY_PROMPTS, MANY_SHORTEST, MANY_LONGEST, MANY_LENGTH, MANY_BATCH = 200, 5, 60, 64, 8
+# With these random weights "v" occurs in about 1 token of 20 at temperature 0.7, top_k 40: rows end at
+# spread-out steps, as a stop string ends them in real use.
+MANY_STOP = "v"
+PLAIN_TOKENS = (MANY_SHORTEST + MANY_LONGEST) // 2  # prompt length of the plain decode row
+
+
+def many_prompts(n: int = MANY_PROMPTS) -> list[Any]:
+    """n prompts of MANY_SHORTEST..MANY_LONGEST random tokens (no end-of-text), each with MANY_LENGTH new."""
+    import torch
+
+    from gpt2.batching import Prompt
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(MANY_SHORTEST, MANY_LONGEST + 1, (n,), generator=gen).tolist()
+    return [Prompt(i, None, torch.randint(0, EOT, (k,), generator=gen).tolist(), MANY_LENGTH)
+            for i, k in enumerate(lengths)]
+
+
+def run_continuous(model: nn.Module, enc: Any, prompts: list[Any], seed: int) -> tuple[int, float]:
+    """(useful tokens, seconds) of gpt2.batching.run_jobs (what --prompt_file runs) over the prompts."""
+    from gpt2.batching import run_jobs
+    from gpt2.scheduler import ContinuousBatcher
+
+    start = now(model_device(model))
+    with ContinuousBatcher(model, MANY_BATCH, TEMPERATURE, TOP_K, 1.0, EOT) as batcher:
+        useful = sum(len(job.text.tokens) for job in run_jobs(batcher, prompts, 1, enc, [MANY_STOP], seed))
+    return useful, now(model_device(model)) - start
+
+
+def run_static(model: nn.Module, enc: Any, prompts: list[Any], seed: int) -> tuple[int, float]:
+    """(useful tokens, seconds) of static batching, what --prompt_file ran before continuous batching: fixed
+    groups of MANY_BATCH prompts through generate(), each group until its last row has ended."""
+    import torch
+
+    from gpt2.batching import iter_batches
+    from gpt2.sample import generate
+    from gpt2.textstream import SampleText
+
+    generator = torch.Generator(model_device(model)).manual_seed(seed)
+    useful = 0
+    start = now(model_device(model))
+    for batch in iter_batches(prompts, 1, MANY_BATCH):
+        texts = [SampleText(enc, [MANY_STOP]) for _ in batch]
+        steps = generate(model, [job.prompt.context for job in batch], MANY_LENGTH, TEMPERATURE, TOP_K, 1.0,
+                         eot_token=EOT, generator=generator)
+        for tokens in steps:
+            for text, token in zip(texts, tokens.tolist()):
+                text.push(token)
+            if all(text.done for text in texts):
+                steps.close()
+        useful += sum(len(text.tokens) for text in texts)
+    return useful, now(model_device(model)) - start
+
+
+def plain_decode(model: nn.Module, seed: int) -> float:
+    """Batch-8 decode tokens/s of MANY_BATCH different prompts of PLAIN_TOKENS tokens, MANY_LENGTH new
+    tokens, no stop: from the first new token to the last, as the decode rows time it."""
+    import torch
+
+    from gpt2.sample import generate
+
+    gen = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, EOT, (MANY_BATCH, PLAIN_TOKENS), generator=gen).tolist()
+    device = model_device(model)
+    stamps = [now(device) for _ in generate(model, prompts, MANY_LENGTH, TEMPERATURE, TOP_K, 1.0,
+                                            generator=torch.Generator(device).manual_seed(seed))]
+    return (len(stamps) - 1) * MANY_BATCH / (stamps[-1] - stamps[0])
+
+
+def first_record_seconds(command: list[str], stdin: bytes | None) -> float:
+    """Seconds from spawning `command` to the end of its first stdout line, or with no stdin to give (a
+    --text run, whose sample may hold newlines) to the end of its stdout."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, cwd=REPO, env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    if stdin is not None:
+        proc.stdin.write(stdin)
+    proc.stdin.close()
+    line = proc.stdout.readline() if stdin is not None else proc.stdout.read()
+    seconds = time.perf_counter() - start
+    _, err = proc.communicate()
+    if proc.returncode or not line:
+        raise RuntimeError(f"{' '.join(command[:3])}… exited {proc.returncode}: {err.decode()[-2000:]}")
+    return seconds
+
+
+def time_first_record(directory: Path, runs: int, device: str) -> dict[str, Stat]:
+    """Fresh processes, interleaved: a one-prompt `--text` run (to its sample's line) and the same prompt
+    piped into `--prompt_file - --format jsonl` (to its record)."""
+    common = [sys.executable, str(REPO / "main.py"), "--model", str(directory), "--length", str(CLI_TOKENS),
+              "--seed", "1", "--offline", "--device", device, "--quiet"]
+    commands = {"text": (common + ["--text", PROMPT], None),
+                "prompt_file": (common + ["--prompt_file", "-", "--format", "jsonl"], PROMPT.encode() + b"\n")}
+    seconds: dict[str, list[float]] = {kind: [] for kind in commands}
+    for round_ in range(1, runs + 1):
+        for kind, (command, stdin) in commands.items():
+            seconds[kind].append(first_record_seconds(command, stdin))
+            log(f"  run {round_}/{runs} {kind}: first record after {seconds[kind][-1]:.2f} s")
+    return {kind: Stat(tuple(values)) for kind, values in seconds.items()}
+
+
+def many_prompts_report(args: argparse.Namespace, directory: Path, started: float) -> str:
+    """The many-prompt rows: useful tokens/s of continuous against static batching and against plain
+    batch-8 decode, and the time to the first record of a streamed prompt file."""
+    from gpt2.checkpoint import load_model
+    from gpt2.encoder import get_encoder
+
+    device = args.device
+    model = load_model(directory, device=device)
+    enc = get_encoder(directory)
+    prompts = many_prompts()
+    log(f"bench: many prompts, {len(prompts)} prompts, batch {MANY_BATCH}, warm-up")
+    run_continuous(model, enc, prompts[:MANY_BATCH * 2], 0)
+    run_static(model, enc, prompts[:MANY_BATCH], 0)
+    plain_decode(model, 0)
+    rates: dict[str, list[float]] = {"continuous": [], "static": [], "plain": []}
+    for round_ in range(1, args.runs + 1):
+        for kind, run in (("continuous", run_continuous), ("static", run_static)):
+            useful, seconds = run(model, enc, prompts, round_)
+            rates[kind].append(useful / seconds)
+            log(f"  run {round_}/{args.runs} {kind}: {useful} useful tokens in {seconds:.1f} s, "
+                f"{rates[kind][-1]:.1f} tok/s")
+        rates["plain"].append(plain_decode(model, round_))
+        log(f"  run {round_}/{args.runs} plain batch-{MANY_BATCH} decode: {rates['plain'][-1]:.1f} tok/s")
+    del model
+    log("bench: time to first record (fresh processes)")
+    first = time_first_record(directory, args.runs, device)
+    stats = {kind: Stat(tuple(values)) for kind, values in rates.items()}
+    cont = stats["continuous"].median
+    setting = (f"124M float32, batch {MANY_BATCH}, {MANY_PROMPTS} prompts of {MANY_SHORTEST}–{MANY_LONGEST} "
+               f"tokens, --length {MANY_LENGTH}, stop {MANY_STOP!r}, temperature {TEMPERATURE}, top_k {TOP_K}")
+    lines = ["| Measure | Setting | Median (min–max) | Ratio |", "|---|---|---|---|",
+             f"| useful tok/s, continuous batching (--prompt_file) | {setting} | {stats['continuous'].cell(1)} | – |",
+             f"| useful tok/s, static batching (before) | same | {stats['static'].cell(1)} | continuous / static "
+             f"{ratio(cont, stats['static'].median)} |",
+             f"| decode tok/s, plain batch {MANY_BATCH} | {MANY_BATCH} prompts of {PLAIN_TOKENS} tokens, "
+             f"{MANY_LENGTH} new, no stop | {stats['plain'].cell(1)} | continuous / plain "
+             f"{ratio(cont, stats['plain'].median)} |",
+             f"| time to first record, s | `--text`, {CLI_TOKENS} tokens, fresh process | "
+             f"{first['text'].cell(2)} | – |",
+             f"| time to first record, s | `--prompt_file -` (jsonl), same prompt piped | "
+             f"{first['prompt_file'].cell(2)} | prompt file / text "
+             f"{ratio(first['prompt_file'].median, first['text'].median)} |"]
+    notes = [
+        f"Medians of {args.runs} runs; each run's prompts are the same, seed r in round r (continuous: each "
+        "sample's own generator, gpt2.batching.sample_seed; static and plain: one generator).",
+        "Useful tokens: the tokens that end up in records (a row's tokens up to the one that completes the stop "
+        "string, end-of-text or its length), per second of the whole run, prefill included. Static: "
+        "gpt2.batching.iter_batches groups run through gpt2.sample.generate, each until its last row ends; "
+        "continuous: gpt2.batching.run_jobs on gpt2.scheduler.ContinuousBatcher.",
+        "Plain decode: total new tokens of all rows per second from the first new token to the last, prefill "
+        "excluded, as the decode rows.",
+        "Time to first record: from spawning main.py to the end of its first stdout line (the prompt file's "
+        "first JSON record), or for `--text ... --quiet` to the end of its stdout (the sample and its newline).",
+        f"Whole benchmark: {time.perf_counter() - started:.0f} s.",
+    ]
+    bandwidth = memory_bandwidth(device)
+    return "\n".join([machine_line(bandwidth, device), "", *lines, "", *(f"- {n}" for n in notes)]) + "\n"
+
+
 # --------------------------------------------------------------------------- the machine
 
 
@@ -653,6 +817,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-run-seconds", type=float, default=15.0,
                    help="fewer tokens for a row whose timed runs would take longer than this (15)")
     p.add_argument("--quick", action="store_true", help="3 runs of 16 tokens; no batch-8 or CLI rows")
+    p.add_argument("--many-prompts", action="store_true",
+                   help="only the many-prompt rows: continuous against static batching, time to first record")
     p.add_argument("--output", metavar="FILE", help="also write the table to FILE")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where both sides run (cpu)")
     p.add_argument("--child", nargs=4, metavar=("KIND", "DIR", "STARTED", "DEVICE"), help=argparse.SUPPRESS)
@@ -742,7 +908,7 @@ def main(argv: list[str] | None = None) -> int:
         directory = Path(tmp)
         log(f"bench: saving random-init weights and vocabulary to {directory}")
         make_model_dir(directory)
-        report = benchmark(args, directory, started)
+        report = (many_prompts_report if args.many_prompts else benchmark)(args, directory, started)
     sys.stdout.write(report)
     if args.output:
         Path(args.output).write_text(report, encoding="utf-8")

@@ -32,6 +32,7 @@ from conftest import MAIN, REPO, TIMEOUT, Library, assert_fails, ok, records
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gpt2.batching import sample_seed
 from gpt2.encoder import Encoder
 from gpt2.textstream import SampleText
 
@@ -145,7 +146,7 @@ def test_mixed_length_batch_equals_each_prompt_alone(cli, prompt_file: Path, gre
 
 def test_prompt_file_from_stdin_nsamples(cli, lib: Library) -> None:
     # --prompt_file - : one prompt per line from stdin; each prompt gets --nsamples samples, in order,
-    # equal to the library's draws with the same seed (one manual_seed, then one batch per prompt).
+    # each drawn alone from its own generator, seeded with gpt2.batching.sample_seed(7, prompt, sample).
     prompts = ["Once upon a time", "東京 🗼", "x y"]
     stdin = ("\n" + prompts[0] + "\r\n  \n" + prompts[1] + "\n\n" + prompts[2]).encode()  # no final newline
     out = records(ok(cli("--prompt_file", "-", "--format", "jsonl", "--nsamples", "2", "--batch_size", "2",
@@ -154,7 +155,8 @@ def test_prompt_file_from_stdin_nsamples(cli, lib: Library) -> None:
     assert [r["prompt"] for r in out] == [p for p in prompts for _ in range(2)]
     expected: list[list[int]] = []
     for i, prompt in enumerate(prompts):
-        expected += lib.generate([prompt, prompt], 10, seed=7 if i == 0 else None)
+        for sample in range(2):
+            expected += lib.generate([prompt], 10, seed=sample_seed(7, i, sample))
     assert [r["tokens"] for r in out] == expected
     for r in out:
         check_record_types(r, 7, 3, 2, 10)
