@@ -10,6 +10,7 @@ values (activations rounded to 16 bits at most inside the product); int8 ones ke
 
 from __future__ import annotations
 
+import copy
 import functools
 import warnings
 from collections.abc import Callable
@@ -283,6 +284,13 @@ class Projection(nn.Module):
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Projection:
         check_movable(fn, self.dtype)
         return self
+
+    def __deepcopy__(self, memo: dict) -> Projection:
+        """A copy with its own stored form; oneDNN's packed tensors are opaque, cloned whole."""
+        stored = tuple(part.clone() if isinstance(part, Tensor) and part.is_mkldnn else copy.deepcopy(part, memo)
+                       for part in self.stored)
+        memo[id(self)] = Projection(stored, self.decode, self.prefill, self.dtype, self.out_features, self.tied)
+        return memo[id(self)]
 
     def extra_repr(self) -> str:
         return f"out_features={self.out_features}, decode={self.decode.name}, prefill={self.prefill.name}"

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,17 @@ if TYPE_CHECKING:
     from transformers import GPT2LMHeadModel as HFModel
 
 LEGACY_WEIGHTS = "gpt2-pytorch_model.bin"  # graykode's file name
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kernel_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """load_model's kernel rankings (gpt2.tuning) measured once per session into a fresh cache directory,
+    never into the user's: the fidelity tests run on whatever kernels this machine's measurements pick."""
+    root = tmp_path_factory.mktemp("gpt2-pytorch-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GPT2_PYTORCH_CACHE", str(root))
+        patch.delenv("GPT2_PYTORCH_KERNELS", raising=False)
+        yield root
 
 
 @pytest.fixture(scope="session")
