@@ -39,6 +39,10 @@ PREFILL_TIMING_ROWS = 128
 # and timing all 50257 would take most of the budget.
 HEAD_TIMING_ROWS = 4096
 REPEATS = 3  # timed calls per kernel and row count, after one untimed call; the fastest counts
+# A candidate's product of random operands may differ from the float64 one by this fraction of its largest
+# value: float32 ones compute in float32; 16-bit ones round weights and inputs to 8 or 11 bits; int8 ones
+# quantize (see gpt2.quantize). A broken or inexact kernel is never chosen.
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2, "int8": 3e-2}
 SCREEN = 2.0  # kernels slower than this many times the fastest at one row are not timed further
 
 Clock = Callable[[], float]
@@ -143,12 +147,20 @@ def _random_operands(shape: tuple[int, int]) -> tuple[Tensor, Tensor, dict[int, 
     return weight, bias, inputs
 
 
-def measure(kernels: list[Kernel], shape: tuple[int, int], clock: Clock = time.perf_counter) -> Choice:
+def _close(result: Tensor, exact: Tensor, tolerance: float) -> bool:
+    return bool((result - exact).abs().max() <= tolerance * exact.abs().max())
+
+
+def measure(kernels: list[Kernel], shape: tuple[int, int], tolerance: float,
+            clock: Clock = time.perf_counter) -> Choice:
     """Rank `kernels` for a weight of `shape` (out, in) by decode time, on fixed random tensors: all at one
     row, those within SCREEN times the fastest also at the other DECODE_TIMING_ROWS (their sum ranks them).
     Prefill (PREFILL_TIMING_ROWS rows) picks among the kernels of the fastest one's form; other forms get
-    their first kernel. A kernel whose form cannot hold the random weight, or that fails, is left out."""
+    their first kernel. A kernel whose form cannot hold the random weight, that fails, or whose result is
+    off the float64 product by more than `tolerance` of its largest value, is left out."""
     weight, bias, inputs = _random_operands(shape)
+    x = inputs[DECODE_TIMING_ROWS[-1]]
+    exact = torch.nn.functional.linear(x.double(), weight.double(), bias.double())  # (rows, out)
     stored: dict[str, tuple | None] = {}
     decode_time: dict[str, float] = {}
     for kernel in kernels:
@@ -156,8 +168,9 @@ def measure(kernels: list[Kernel], shape: tuple[int, int], clock: Clock = time.p
         try:
             if form not in stored:
                 stored[form] = kernel.form.build(weight, bias, None)
-            if stored[form] is not None:
-                decode_time[kernel.name] = _fastest_call(kernel, stored[form], inputs[DECODE_TIMING_ROWS[0]], clock)
+            if stored[form] is None or not _close(kernel.run(x, stored[form]), exact, tolerance):
+                continue
+            decode_time[kernel.name] = _fastest_call(kernel, stored[form], inputs[DECODE_TIMING_ROWS[0]], clock)
         except (RuntimeError, NotImplementedError):
             continue
     by_name = {k.name: k for k in kernels}
@@ -210,7 +223,7 @@ def choices_for(precision: str, shapes: Iterable[tuple[int, int]], mode: str,
         choice = Choice.from_json(cached.get(key))
         if choice is None or not set(choice.decode) <= names:
             timed = (min(shape[0], HEAD_TIMING_ROWS), shape[1])
-            choice = measure(kernels, timed, clock)
+            choice = measure(kernels, timed, TOLERANCE[precision], clock)
             stored[key], changed = choice.to_json(), True
         choices[shape] = choice
     if changed:
