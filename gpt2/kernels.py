@@ -304,7 +304,11 @@ class Projection(nn.Module):
 def check_movable(fn: Callable[[Tensor], Tensor], dtype: torch.dtype) -> None:
     """Raise GPT2Error unless `fn` (what Module.to, .half(), .cuda() apply) leaves `dtype` CPU tensors as
     they are: packed CPU kernels cannot follow the model elsewhere."""
-    probe = fn(torch.empty(0, dtype=dtype))
-    if probe.device.type != "cpu" or probe.dtype != dtype:
-        raise GPT2Error(f"this model's weights are packed for CPU kernels and cannot move to {probe.device.type} "
-                        f"{_short(probe.dtype)}: load it again with load_model(..., device=..., dtype=...)")
+    try:
+        probe = fn(torch.empty(0, dtype=dtype))
+        target = f"{probe.device.type} {_short(probe.dtype)}"
+    except (RuntimeError, AssertionError) as exc:  # no such device here
+        probe, target = None, f"another device ({str(exc).strip().splitlines()[0][:80] if str(exc) else exc})"
+    if probe is None or probe.device.type != "cpu" or probe.dtype != dtype:
+        raise GPT2Error(f"this model's weights are packed for CPU kernels and cannot move to {target}: "
+                        "load it again with load_model(..., device=..., dtype=...)")

@@ -46,6 +46,7 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2, "int8": 3e-2}
 SCREEN = 2.0  # kernels slower than this many times the fastest at one row are not timed further
 
 Clock = Callable[[], float]
+clock_for_timing: Clock = time.perf_counter  # what timing reads when no clock is passed (a test's fake one)
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,7 @@ def default_choice(kernels: list[Kernel]) -> Choice:
 
 
 def choices_for(precision: str, shapes: Iterable[tuple[int, int]], mode: str,
-                clock: Clock = time.perf_counter) -> dict[tuple[int, int], Choice]:
+                clock: Clock | None = None) -> dict[tuple[int, int], Choice]:
     """A ranking for every shape: from the cache file, or measured (and written there), or the defaults."""
     kernels = kernels_for(precision)
     if not kernels:
@@ -223,7 +224,7 @@ def choices_for(precision: str, shapes: Iterable[tuple[int, int]], mode: str,
         choice = Choice.from_json(cached.get(key))
         if choice is None or not set(choice.decode) <= names:
             timed = (min(shape[0], HEAD_TIMING_ROWS), shape[1])
-            choice = measure(kernels, timed, TOLERANCE[precision], clock)
+            choice = measure(kernels, timed, TOLERANCE[precision], clock or clock_for_timing)
             stored[key], changed = choice.to_json(), True
         choices[shape] = choice
     if changed:
@@ -249,7 +250,9 @@ def projection(weight: Tensor, bias: Tensor | None, choice: Choice, kernels: lis
             if prefill.form.name != kernel.form.name:
                 prefill = kernel
             return Projection(stored, kernel, prefill, dtype, weight.size(0), tied)
-    raise GPT2Error(f"no {dtype} CPU kernel can hold a weight of shape {tuple(weight.shape)} within its precision")
+    names = ", ".join(k.name for k in kernels)
+    raise GPT2Error(f"none of the CPU kernels here ({names}) keeps its precision's contract for a weight of shape "
+                    f"{tuple(weight.shape)}: use another --dtype")
 
 
 def projection_places(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -259,8 +262,7 @@ def projection_places(model: nn.Module) -> list[tuple[nn.Module, str]]:
             if isinstance(child, Linear)]
 
 
-def use_cpu_kernels(model: nn.Module, precision: str, mode: str | None = None,
-                    clock: Clock = time.perf_counter) -> None:
+def use_cpu_kernels(model: nn.Module, precision: str, mode: str | None = None) -> None:
     """Give a CPU model's block projections and LM head their chosen kernels (Projection), in place; its
     other weights (layer norms, position table) become float32, the activations' dtype. The token table
     stays as loaded, for lookups; the head reads its own copy where its form is not the table itself.
@@ -272,19 +274,19 @@ def use_cpu_kernels(model: nn.Module, precision: str, mode: str | None = None,
     wte = model.transformer.wte.weight
     dtype = wte.dtype
     shapes = [tuple(getattr(parent, name).weight.shape) for parent, name in places] + [tuple(wte.shape)]
-    choices = choices_for(precision, shapes, mode, clock)
+    choices = choices_for(precision, shapes, mode)
     kernels = kernels_for(precision)
-    inputs = {}
+    inputs, head_kernels = {}, kernels
     if precision == "int8":
-        from gpt2.quantize import calibration_inputs
+        from gpt2.quantize import calibration_inputs, for_the_head
 
-        inputs = calibration_inputs(model)
+        inputs, head_kernels = calibration_inputs(model), for_the_head(kernels)
     for parent, name in places:
         old = getattr(parent, name)
         setattr(parent, name, projection(old.weight, old.bias, choices[tuple(old.weight.shape)], kernels, dtype,
                                          inputs.pop(id(old), None)))
         del old  # its weight goes unless the form is the weight itself
-    model.lm_head = projection(wte, None, choices[tuple(wte.shape)], kernels, dtype,
+    model.lm_head = projection(wte, None, choices[tuple(wte.shape)], head_kernels, dtype,
                                inputs.pop(id(model.transformer.ln_f), None), tied=True)
     for module in model.modules():
         if isinstance(module, nn.LayerNorm) or module is model.transformer.wpe:
