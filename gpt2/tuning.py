@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -293,3 +294,14 @@ def use_cpu_kernels(model: nn.Module, precision: str, mode: str | None = None) -
             module.float()
     return_free_memory()
 
+
+
+def describe(choices: dict[str, tuple[str, str]]) -> str:
+    """kernel_choices() in one line, blocks' products by role: "attn.c_attn: A / B; ...; lm_head: C / C"."""
+    roles: dict[str, list[str]] = {}
+    for name, (decode, prefill) in choices.items():
+        role = re.sub(r"^transformer\.h\.\d+\.", "", name)
+        kernels = f"{decode} / {prefill}"
+        if kernels not in roles.setdefault(role, []):
+            roles[role].append(kernels)
+    return "; ".join(f"{role}: {', '.join(kernels)}" for role, kernels in roles.items())

@@ -316,10 +316,12 @@ def test_stats(cli, streamed: Streamed, stream_record: dict) -> None:
     proc = cli(*STREAM_ARGS, "--stats")
     assert ok(proc) == streamed.stdout  # --stats leaves stdout alone
     lines = proc.stderr.decode("utf-8").splitlines()
-    assert len(lines) == 2, lines
+    assert len(lines) == 3, lines
     assert re.fullmatch(r"stats: model loaded in \d+\.\d\d s", lines[0]), lines[0]
-    m = re.fullmatch(r"stats: first token after (\d+\.\d{3}) s, (\d+) tokens, (\d+\.\d) tokens/s", lines[1])
-    assert m, lines[1]
+    assert re.fullmatch(r"stats: kernels \(decode / prefill\): attn\.c_attn: float32 .+ / float32 .+; "
+                        r"attn\.c_proj: .+; mlp\.c_fc: .+; mlp\.c_proj: .+; lm_head: .+", lines[1]), lines[1]
+    m = re.fullmatch(r"stats: first token after (\d+\.\d{3}) s, (\d+) tokens, (\d+\.\d) tokens/s", lines[2])
+    assert m, lines[2]
     steps = len(stream_record["tokens"]) + (stream_record["finish_reason"] == "eot")
     assert int(m[2]) == steps
     assert float(m[3]) > 0
