@@ -256,12 +256,13 @@ class Projection(nn.Module):
     """
 
     def __init__(self, stored: Stored, decode: Kernel, prefill: Kernel, dtype: torch.dtype,
-                 out_features: int, tied: bool = False) -> None:
+                 shape: tuple[int, int], tied: bool = False) -> None:
         super().__init__()
         if decode.form.name != prefill.form.name:
             raise ValueError(f"{decode.name} and {prefill.name} read different forms")
         self.stored, self.decode, self.prefill = stored, decode, prefill
-        self.dtype, self.out_features, self.tied = dtype, out_features, tied
+        self.dtype, self.tied = dtype, tied
+        self.out_features, self.in_features = shape
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, x.size(-1)).float()  # (rows, in)
@@ -289,16 +290,22 @@ class Projection(nn.Module):
         """A copy with its own stored form; oneDNN's packed tensors are opaque, cloned whole."""
         stored = tuple(part.clone() if isinstance(part, Tensor) and part.is_mkldnn else copy.deepcopy(part, memo)
                        for part in self.stored)
-        memo[id(self)] = Projection(stored, self.decode, self.prefill, self.dtype, self.out_features, self.tied)
+        memo[id(self)] = Projection(stored, self.decode, self.prefill, self.dtype,
+                                    (self.out_features, self.in_features), self.tied)
         return memo[id(self)]
 
     def extra_repr(self) -> str:
-        return f"out_features={self.out_features}, decode={self.decode.name}, prefill={self.prefill.name}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, decode={self.decode.name}, "
+                f"prefill={self.prefill.name}")
 
     def nbytes(self) -> int:
         """Bytes of the stored weight (about: packed layouts may pad it), for bandwidth figures."""
-        weight, _ = self.decode.form.unpack(self.stored)
-        return weight.numel() * self.decode.form.value_bytes
+        return self.out_features * self.in_features * self.decode.form.value_bytes
+
+    def reads(self, tensor: Tensor) -> bool:
+        """Whether the stored form is `tensor`'s memory itself (a dense head reading the token table)."""
+        return any(isinstance(part, Tensor) and not part.is_mkldnn and part.data_ptr() == tensor.data_ptr()
+                   for part in self.stored)
 
 
 def check_movable(fn: Callable[[Tensor], Tensor], dtype: torch.dtype) -> None:

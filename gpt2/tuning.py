@@ -250,7 +250,7 @@ def projection(weight: Tensor, bias: Tensor | None, choice: Choice, kernels: lis
             prefill = by_name.get(choice.prefill.get(kernel.form.name, kernel.name), kernel)
             if prefill.form.name != kernel.form.name:
                 prefill = kernel
-            return Projection(stored, kernel, prefill, dtype, weight.size(0), tied)
+            return Projection(stored, kernel, prefill, dtype, tuple(weight.shape), tied)
     names = ", ".join(k.name for k in kernels)
     raise GPT2Error(f"none of the CPU kernels here ({names}) keeps its precision's contract for a weight of shape "
                     f"{tuple(weight.shape)}: use another --dtype")
