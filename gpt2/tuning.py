@@ -22,6 +22,7 @@ import re
 import tempfile
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -282,18 +283,22 @@ def use_cpu_kernels(model: nn.Module, precision: str, mode: str | None = None) -
         from gpt2.quantize import calibration_inputs, for_the_head
 
         inputs, head_kernels = calibration_inputs(model), for_the_head(kernels)
-    for parent, name in places:
+
+    def replace(place: tuple[nn.Module, str]) -> None:  # the original weight goes once its form is built
+        parent, name = place
         old = getattr(parent, name)
-        setattr(parent, name, projection(old.weight, old.bias, choices[tuple(old.weight.shape)], kernels, dtype,
-                                         inputs.pop(id(old), None)))
-        del old  # its weight goes unless the form is the weight itself
+        shape = tuple(old.weight.shape)
+        setattr(parent, name, projection(old.weight, old.bias, choices[shape], kernels, dtype, inputs.get(id(old))))
+
+    # Packing runs on one thread per weight (FBGEMM's) and lets go of the GIL: one packer per thread.
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        list(pool.map(replace, places))
     model.lm_head = projection(wte, None, choices[tuple(wte.shape)], head_kernels, dtype,
-                               inputs.pop(id(model.transformer.ln_f), None), tied=True)
+                               inputs.get(id(model.transformer.ln_f)), tied=True)
     for module in model.modules():
         if isinstance(module, nn.LayerNorm) or module is model.transformer.wpe:
             module.float()
     return_free_memory()
-
 
 
 def describe(choices: dict[str, tuple[str, str]]) -> str:
