@@ -5,12 +5,13 @@ Decoding is bound by how many weight bytes each step reads, so fewer bytes per w
 The int8 contract: logits within 5% of the largest float32 logit, and float32's greedy choice wherever its
 top-2 margin is clear. Weights are symmetric int8 with one scale per output channel. On CPU there are two
 candidates: int8 weights times bfloat16 activations (`torch._weight_int8pack_mm`), and FBGEMM's dynamic
-int8, which also quantizes the activations, to 7-bit integers with one scale per product call. GPT-2's
-activations have a few hidden dimensions tens of times larger than the rest, which would leave the others
-a few levels; so the dynamic kernel divides each input dimension by a smoothing factor and multiplies the
-weight's column by it (SmoothQuant, factors from activations of a short calibration run at load), and a
-projection whose quantized product still strays from the float one on those activations keeps int8 weights
-with bfloat16 activations instead.
+int8, which also quantizes the activations: to 8-bit integers (7 where FBGEMM's sums would saturate) with
+one scale per product call. GPT-2's activations have a few hidden dimensions tens of times larger than the
+rest, which would leave the others a few levels. So at load a short calibration run of the float model
+finds them: their products stay in float32 (LLM.int8), the other input dimensions are divided by smoothing
+factors that multiply the weight's columns (SmoothQuant); a projection whose dynamic product still strays
+from the float one on the calibration activations, and the LM head (whose error is the logits'), keep int8
+weights with bfloat16 activations.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ MAX_OUTLIERS = 8
 class Int8Linear(nn.Module):
     """y = x @ (weight_int8 * scales).T + bias, with symmetric per-output-channel scales.
 
-    Activations stay in the model's dtype (bfloat16 is fastest). On CPU `torch._weight_int8pack_mm`
-    reads a quarter of the bytes of float32 weights. Elsewhere each product widens its weight first
+    What load_model gives a GPU model (a CPU one gets the tuned kernels below). Activations stay in the
+    model's dtype. On CPU `torch._weight_int8pack_mm` reads a quarter of the bytes of float32 weights.
+    Elsewhere each product widens its weight first
     (`dequantized`): torch's GPU kernel for int8 weights ran several times slower than a 16-bit product
     on an H100. There int8 stores smaller weights but is no faster than 16 bits, and each product
     briefly holds its widened weight.

@@ -1,9 +1,9 @@
 """Kernel choice by measuring: each candidate product (gpt2.kernels) timed on the model's own weight shapes
 on this machine, once, the ranking remembered in `<cache>/kernels.json`.
 
-The fastest kernel differs between CPUs (on an AVX-512/AMX Xeon oneDNN's packed bfloat16 and FBGEMM's
-dynamic int8 win; on an AVX2 EPYC FBGEMM's float16 weights and torch's int8-weight product did), so no
-fixed choice is right everywhere. The file is keyed by CPU model, thread count, torch version, precision
+The fastest kernel differs between CPUs (native bfloat16 and AMX favour oneDNN's packed bfloat16 weights
+and VNNI FBGEMM's dynamic int8; without them FBGEMM's float16 weights and torch's int8-weight product win),
+so no fixed choice is right everywhere. The file is keyed by CPU model, thread count, torch version, precision
 and shape: any change measures again. A decode step multiplies 1 to 8 rows, a prompt hundreds: the
 form a weight is stored in is the one of the fastest decode kernel (decoding dominates generation), and
 prefill takes the fastest kernel that reads that same form.
