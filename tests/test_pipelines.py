@@ -109,17 +109,18 @@ class Library:
 
 @pytest.fixture(scope="session")
 def lib(weights: Path, enc: Encoder) -> Library:
-    return Library(load_model(weights), enc)
+    return Library(load_model(weights, kernels="default"), enc)
 
 
 @pytest.fixture(scope="session")
 def cli_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Offline, every cache in an empty temporary directory, unbuffered, one thread."""
+    """Offline, every cache in an empty temporary directory, unbuffered, one thread, kernels not measured (as
+    in the library model the output is compared with: measured choices could differ between processes)."""
     cache = tmp_path_factory.mktemp("pipe-cache")
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", GPT2_PYTORCH_CACHE=str(cache / "gpt2-pytorch"), HF_HOME=str(cache / "hf"),
                PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS=str(THREADS),
-               MKL_NUM_THREADS=str(THREADS))
+               MKL_NUM_THREADS=str(THREADS), GPT2_PYTORCH_KERNELS="default")
     env.pop("HF_HUB_CACHE", None)
     return env
 
