@@ -257,14 +257,15 @@ def load_weight(model: GPT2LMHeadModel, state_dict: Mapping[str, Tensor]) -> GPT
     return model
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32, int8: bool = False) -> GPT2LMHeadModel:
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               int8: bool = False, kernels: str | None = None) -> GPT2LMHeadModel:
     """A ready (eval-mode) model from a weight file or model directory.
 
-    `int8` stores the projection and LM-head weights as int8 (gpt2.quantize); activations stay `dtype`.
-    A bfloat16 or float16 model on CPU keeps its weights' values in float16 products with float32
-    activations (gpt2.quantize.float16_weights_for_cpu); a float32 one gets its projection weights packed
-    for oneDNN (GPT2LMHeadModel.pack_weights).
+    `int8` stores the projection and LM-head weights as int8 (gpt2.quantize), `dtype` the rest. On CPU the
+    products run on kernels chosen by timing them on this machine (gpt2.tuning; `kernels` is its mode,
+    "cached", "tune" or "default"), with float32 activations: 16-bit models keep their weights' values,
+    int8 ones keep the int8 contract. model.kernel_choices() names them. Elsewhere they are F.linear in
+    `dtype` (int8: weights widened per product).
 
     The config comes from a config.json beside the weights when there is one, else from tensor shapes.
     The model is built on the meta device and takes the loaded tensors as they are (assign=True), so
@@ -285,14 +286,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     del state
     model.load_state_dict(weights, strict=True, assign=True)
     del weights
+    model.eval()
+    if torch.device(device).type == "cpu":
+        from gpt2.tuning import kernels_mode, use_cpu_kernels
+
+        use_cpu_kernels(model, "int8" if int8 else str(dtype).removeprefix("torch."), kernels_mode(kernels))
+        return model
     if int8:
         from gpt2.quantize import quantize_int8
 
         quantize_int8(model)
-    model = model.to(device).eval()
-    if not int8 and dtype in (torch.bfloat16, torch.float16):
-        from gpt2.quantize import float16_weights_for_cpu
-
-        float16_weights_for_cpu(model)  # on CPU, where FBGEMM is there
-    model.pack_weights()
-    return model
+    return model.to(device)

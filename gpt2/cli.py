@@ -225,10 +225,15 @@ class Stats:
         self.first: float | None = None
         self.tokens = 0
 
-    def loaded(self) -> None:
+    def loaded(self, model) -> None:  # noqa: ANN001 -- a GPT2LMHeadModel, imported with torch later
         self.loaded_at = time.perf_counter()
         if self.enabled:
             print(f"stats: model loaded in {self.loaded_at - self.t0:.2f} s", file=sys.stderr)
+            from gpt2.tuning import describe
+
+            kernels = describe(model.kernel_choices())
+            if kernels:
+                print(f"stats: kernels (decode / prefill): {kernels}", file=sys.stderr)
 
     def token(self, count: int) -> None:
         if self.first is None:
@@ -371,7 +376,7 @@ def _run(args: argparse.Namespace, prog: str, lines: PromptLines | None) -> int:
     if model.config.vocab_size < len(enc.encoder):
         raise GPT2Error(f"{weights}: the model has {model.config.vocab_size} token embeddings but the vocabulary "
                         f"{len(enc.encoder)} tokens: use the vocabulary files that belong to this checkpoint")
-    stats.loaded()
+    stats.loaded(model)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     out = Output(args, seed)
     if lines is not None:  # each sample draws from its own generator (gpt2.batching.sample_seed)

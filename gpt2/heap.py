@@ -1,8 +1,8 @@
 """Hand the heap's free memory back to the system after packing weights at load: glibc only.
 
-Packing (GPT2LMHeadModel.pack_weights, gpt2.quantize) makes a copy of each weight and frees the original.
-glibc keeps the freed chunks in its heap, and the packed copies do not reuse them, so without a trim the
-process would hold the loaded weights twice after loading.
+Building the CPU kernels' stored weights (gpt2.tuning.use_cpu_kernels) makes a copy of each weight and
+frees the original. glibc keeps the freed chunks in its heap, and the packed copies do not reuse them, so
+without a trim the process would hold the loaded weights twice after loading.
 """
 
 from __future__ import annotations

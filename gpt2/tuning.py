@@ -1,0 +1,312 @@
+"""Kernel choice by measuring: each candidate product (gpt2.kernels) timed on the model's own weight shapes
+on this machine, once, the ranking remembered in `<cache>/kernels.json`.
+
+The fastest kernel differs between CPUs (native bfloat16 and AMX favour oneDNN's packed bfloat16 weights
+and VNNI FBGEMM's dynamic int8; without them FBGEMM's float16 weights and torch's int8-weight product win),
+so no fixed choice is right everywhere. The file is keyed by CPU model, thread count, torch version, precision
+and shape: any change measures again. A decode step multiplies 1 to 8 rows, a prompt hundreds: the
+form a weight is stored in is the one of the fastest decode kernel (decoding dominates generation), and
+prefill takes the fastest kernel that reads that same form.
+
+Modes (load_model's `kernels=`, else the environment variable GPT2_PYTORCH_KERNELS, read only):
+"cached" (the default) uses the file and measures what it lacks; "tune" measures everything again;
+"default" measures nothing and touches no file (each precision's first candidate that builds).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from gpt2.errors import GPT2Error
+from gpt2.heap import return_free_memory
+from gpt2.kernels import Kernel, Linear, Projection, kernels_for
+
+MODES = ("cached", "tune", "default")
+MODE_VARIABLE = "GPT2_PYTORCH_KERNELS"
+DECODE_TIMING_ROWS = (1, 8)
+PREFILL_TIMING_ROWS = 128
+# The LM head is timed on its first this-many rows: its product's time grows with its rows like any other's,
+# and timing all 50257 would take most of the budget.
+HEAD_TIMING_ROWS = 4096
+REPEATS = 3  # timed calls per kernel and row count, after one untimed call; the fastest counts
+# A candidate's product of random operands may differ from the float64 one by this fraction of its largest
+# value: float32 ones compute in float32; 16-bit ones round weights and inputs to 8 or 11 bits; int8 ones
+# quantize (see gpt2.quantize). A broken or inexact kernel is never chosen.
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2, "int8": 3e-2}
+SCREEN = 2.0  # kernels slower than this many times the fastest at one row are not timed further
+
+Clock = Callable[[], float]
+clock_for_timing: Clock = time.perf_counter  # what timing reads when no clock is passed (a test's fake one)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A product's ranking: decode kernels fastest first, and per form the fastest prefill kernel on it."""
+
+    decode: tuple[str, ...]
+    prefill: dict[str, str]
+
+    def to_json(self) -> dict:
+        return {"decode": list(self.decode), "prefill": self.prefill}
+
+    @staticmethod
+    def from_json(entry: object) -> Choice | None:
+        if not isinstance(entry, dict) or not isinstance(entry.get("decode"), list) \
+                or not isinstance(entry.get("prefill"), dict):
+            return None
+        return Choice(tuple(map(str, entry["decode"])), {str(k): str(v) for k, v in entry["prefill"].items()})
+
+
+def kernels_mode(mode: str | None) -> str:
+    """`mode`, else $GPT2_PYTORCH_KERNELS, else "cached"; GPT2Error for anything else."""
+    chosen = mode or os.environ.get(MODE_VARIABLE, "").strip().lower() or "cached"
+    if chosen not in MODES:
+        raise GPT2Error(f"kernel mode {chosen!r} (kernels= or ${MODE_VARIABLE}) is not one of {', '.join(MODES)}")
+    return chosen
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what the platform says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cache_key(precision: str, shape: tuple[int, int]) -> str:
+    """What a measurement depends on: CPU, threads, torch build, precision and the weight's (out, in)."""
+    return (f"{cpu_name()} | threads {torch.get_num_threads()} | torch {torch.__version__} | {precision} | "
+            f"{shape[0]}x{shape[1]}")
+
+
+def cache_file() -> Path:
+    from gpt2.download import cache_root
+
+    return cache_root() / "kernels.json"
+
+
+def read_cache(path: Path) -> dict[str, dict]:
+    """The remembered rankings; an empty dict for a missing, unreadable or corrupt file (rewritten later)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_cache(path: Path, data: dict[str, dict]) -> None:
+    """Replace the file atomically (a concurrent reader sees the old or the new one); a cache that cannot
+    be written only means measuring again next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".kernels-", suffix=".json",
+                                         delete=False) as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(f.name, path)
+    except OSError:
+        try:
+            os.unlink(f.name)
+        except (OSError, UnboundLocalError):
+            pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# measuring
+
+
+def _fastest_call(kernel: Kernel, stored: tuple, x: Tensor, clock: Clock) -> float:
+    kernel.run(x, stored)  # untimed: oneDNN builds its primitive for the shape on the first call
+    best = float("inf")
+    for _ in range(REPEATS):
+        start = clock()
+        kernel.run(x, stored)
+        best = min(best, clock() - start)
+    return best
+
+
+def _random_operands(shape: tuple[int, int]) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
+    """A weight (out, in), bias (out,) and inputs (rows, in) for every timed row count, from a local generator."""
+    gen = torch.Generator().manual_seed(0)
+    out_features, in_features = shape
+    weight = torch.randn(out_features, in_features, generator=gen) / in_features**0.5  # (out, in)
+    bias = torch.randn(out_features, generator=gen) * 0.1
+    inputs = {rows: torch.randn(rows, in_features, generator=gen)  # (rows, in)
+              for rows in (*DECODE_TIMING_ROWS, PREFILL_TIMING_ROWS)}
+    return weight, bias, inputs
+
+
+def _close(result: Tensor, exact: Tensor, tolerance: float) -> bool:
+    return bool((result - exact).abs().max() <= tolerance * exact.abs().max())
+
+
+def measure(kernels: list[Kernel], shape: tuple[int, int], tolerance: float,
+            clock: Clock = time.perf_counter) -> Choice:
+    """Rank `kernels` for a weight of `shape` (out, in) by decode time, on fixed random tensors: all at one
+    row, those within SCREEN times the fastest also at the other DECODE_TIMING_ROWS (their sum ranks them).
+    Prefill (PREFILL_TIMING_ROWS rows) picks among the kernels of the fastest one's form; other forms get
+    their first kernel. A kernel whose form cannot hold the random weight, that fails, or whose result is
+    off the float64 product by more than `tolerance` of its largest value, is left out."""
+    weight, bias, inputs = _random_operands(shape)
+    x = inputs[DECODE_TIMING_ROWS[-1]]
+    exact = torch.nn.functional.linear(x.double(), weight.double(), bias.double())  # (rows, out)
+    stored: dict[str, tuple | None] = {}
+    decode_time: dict[str, float] = {}
+    for kernel in kernels:
+        form = kernel.form.name
+        try:
+            if form not in stored:
+                stored[form] = kernel.form.build(weight, bias, None)
+            if stored[form] is None or not _close(kernel.run(x, stored[form]), exact, tolerance):
+                continue
+            decode_time[kernel.name] = _fastest_call(kernel, stored[form], inputs[DECODE_TIMING_ROWS[0]], clock)
+        except (RuntimeError, NotImplementedError, TypeError, ValueError):  # a kernel this CPU or build lacks
+            continue
+    by_name = {k.name: k for k in kernels}
+    best = min(decode_time.values(), default=0.0)
+    for name, seconds in decode_time.items():
+        if seconds <= SCREEN * best:
+            kernel = by_name[name]
+            decode_time[name] += sum(_fastest_call(kernel, stored[kernel.form.name], inputs[rows], clock)
+                                     for rows in DECODE_TIMING_ROWS[1:])
+        else:
+            decode_time[name] *= len(DECODE_TIMING_ROWS)  # after every kernel timed at all row counts
+    ranking = tuple(sorted(decode_time, key=decode_time.get))
+    prefill = {}
+    for name in ranking:
+        prefill.setdefault(by_name[name].form.name, name)
+    if ranking:
+        form = by_name[ranking[0]].form.name
+        candidates = [by_name[name] for name in ranking if by_name[name].form.name == form]
+        if len(candidates) > 1:
+            times = {k.name: _fastest_call(k, stored[form], inputs[PREFILL_TIMING_ROWS], clock) for k in candidates}
+            prefill[form] = min(times, key=times.get)
+    return Choice(ranking, prefill)
+
+
+def default_choice(kernels: list[Kernel]) -> Choice:
+    """The ranking without measuring: the candidates' own order, each form's first kernel for prefill."""
+    prefill: dict[str, str] = {}
+    for kernel in kernels:
+        prefill.setdefault(kernel.form.name, kernel.name)
+    return Choice(tuple(k.name for k in kernels), prefill)
+
+
+def choices_for(precision: str, shapes: Iterable[tuple[int, int]], mode: str,
+                clock: Clock | None = None) -> dict[tuple[int, int], Choice]:
+    """A ranking for every shape: from the cache file, or measured (and written there), or the defaults."""
+    kernels = kernels_for(precision)
+    if not kernels:
+        raise GPT2Error(f"this torch build ({torch.__version__}) has no CPU kernel for {precision} products "
+                        "(int8 needs torch._weight_int8pack_mm or FBGEMM): use --dtype bfloat16 or float32, "
+                        "or a newer torch")
+    if mode == "default":
+        return {shape: default_choice(kernels) for shape in shapes}
+    path = cache_file()
+    cached = read_cache(path) if mode == "cached" else {}
+    stored = read_cache(path) if mode == "tune" else cached
+    names = {k.name for k in kernels}
+    choices, changed = {}, False
+    for shape in dict.fromkeys(shapes):
+        key = cache_key(precision, shape)
+        choice = Choice.from_json(cached.get(key))
+        if choice is None or not set(choice.decode) <= names:
+            timed = (min(shape[0], HEAD_TIMING_ROWS), shape[1])
+            choice = measure(kernels, timed, TOLERANCE[precision], clock or clock_for_timing)
+            stored[key], changed = choice.to_json(), True
+        choices[shape] = choice
+    if changed:
+        write_cache(path, stored)
+    return choices
+
+
+# ---------------------------------------------------------------------------------------------------
+# giving a model its kernels
+
+
+def projection(weight: Tensor, bias: Tensor | None, choice: Choice, kernels: list[Kernel], dtype: torch.dtype,
+               inputs: Tensor | None = None, tied: bool = False) -> Projection:
+    """The Projection of the first kernel in `choice`'s decode ranking whose form holds this weight, with
+    its form's prefill kernel; kernels missing from the ranking (never measured) come after it."""
+    by_name = {k.name: k for k in kernels}
+    ranked = [by_name[name] for name in choice.decode if name in by_name]
+    ranked += [k for k in kernels if k not in ranked]
+    for kernel in ranked:
+        stored = kernel.form.build(weight, bias, inputs)
+        if stored is not None:
+            prefill = by_name.get(choice.prefill.get(kernel.form.name, kernel.name), kernel)
+            if prefill.form.name != kernel.form.name:
+                prefill = kernel
+            return Projection(stored, kernel, prefill, dtype, tuple(weight.shape), tied)
+    names = ", ".join(k.name for k in kernels)
+    raise GPT2Error(f"none of the CPU kernels here ({names}) keeps its precision's contract for a weight of shape "
+                    f"{tuple(weight.shape)}: use another --dtype")
+
+
+def projection_places(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute name) of every block projection: no reference that would keep a weight alive
+    once the projection is replaced."""
+    return [(module, name) for module in model.modules() for name, child in module.named_children()
+            if isinstance(child, Linear)]
+
+
+def use_cpu_kernels(model: nn.Module, precision: str, mode: str | None = None) -> None:
+    """Give a CPU model's block projections and LM head their chosen kernels (Projection), in place; its
+    other weights (layer norms, position table) become float32, the activations' dtype. The token table
+    stays as loaded, for lookups; the head reads its own copy where its form is not the table itself.
+
+    `precision` is the loaded dtype's name or "int8" (int8 weights, after a calibration run: see
+    gpt2.quantize). In mode "cached" the first load on a machine measures for at most a few seconds."""
+    mode = kernels_mode(mode)
+    places = projection_places(model)
+    wte = model.transformer.wte.weight
+    dtype = wte.dtype
+    shapes = [tuple(getattr(parent, name).weight.shape) for parent, name in places] + [tuple(wte.shape)]
+    choices = choices_for(precision, shapes, mode)
+    kernels = kernels_for(precision)
+    inputs, head_kernels = {}, kernels
+    if precision == "int8":
+        from gpt2.quantize import calibration_inputs, for_the_head
+
+        inputs, head_kernels = calibration_inputs(model), for_the_head(kernels)
+
+    def replace(place: tuple[nn.Module, str]) -> None:  # the original weight goes once its form is built
+        parent, name = place
+        old = getattr(parent, name)
+        shape = tuple(old.weight.shape)
+        setattr(parent, name, projection(old.weight, old.bias, choices[shape], kernels, dtype, inputs.get(id(old))))
+
+    # Packing runs on one thread per weight (FBGEMM's) and lets go of the GIL: one packer per thread.
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        list(pool.map(replace, places))
+    model.lm_head = projection(wte, None, choices[tuple(wte.shape)], head_kernels, dtype,
+                               inputs.get(id(model.transformer.ln_f)), tied=True)
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm) or module is model.transformer.wpe:
+            module.float()
+    return_free_memory()
+
+
+def describe(choices: dict[str, tuple[str, str]]) -> str:
+    """kernel_choices() in one line, blocks' products by role: "attn.c_attn: A / B; ...; lm_head: C / C"."""
+    roles: dict[str, list[str]] = {}
+    for name, (decode, prefill) in choices.items():
+        role = re.sub(r"^transformer\.h\.\d+\.", "", name)
+        kernels = f"{decode} / {prefill}"
+        if kernels not in roles.setdefault(role, []):
+            roles[role].append(kernels)
+    return "; ".join(f"{role}: {', '.join(kernels)}" for role, kernels in roles.items())

@@ -1,0 +1,298 @@
+"""CPU kernel choice (gpt2.tuning) with a fake clock, its cache file, and a loaded model as a module:
+state_dict, moving, copying; int8's contract with activation outliers; missing int8 kernels."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import random_hf_model
+
+import gpt2.quantize
+import gpt2.tuning
+from gpt2.checkpoint import load_model
+from gpt2.errors import GPT2Error
+from gpt2.kernels import Kernel, _dense_form, _transposed_form, int8_dynamic_available
+from gpt2.model import GPT2LMHeadModel
+from gpt2.tuning import DECODE_TIMING_ROWS, PREFILL_TIMING_ROWS, choices_for, kernels_mode, measure
+
+SHAPE = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=64)
+DENSE, TRANSPOSED = _dense_form(torch.float32), _transposed_form(torch.float32)
+
+
+class FakeClock:
+    """A clock that only the fake kernels advance: each call costs what its kernel says for its rows."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.calls: list[tuple[str, int]] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fake_kernel(clock: FakeClock, name: str, seconds_per_rows: dict[int, float], form=DENSE, exact=True) -> Kernel:
+    """A correct product (or, not `exact`, a wrong one) that takes `seconds_per_rows[rows]` on `clock`."""
+    def run(x, stored):
+        clock.now += seconds_per_rows.get(x.size(0), 0.0)
+        clock.calls.append((name, x.size(0)))
+        weight, bias = form.unpack(stored)
+        return F.linear(x, weight, bias) * (1 if exact else 1.5)
+
+    return Kernel(name, form, run)
+
+
+def costs(one: float, eight: float, prefill: float) -> dict[int, float]:
+    return {DECODE_TIMING_ROWS[0]: one, DECODE_TIMING_ROWS[1]: eight, PREFILL_TIMING_ROWS: prefill}
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+# ---------------------------------------------------------------------------------------------------
+# measuring
+
+
+def test_measure_ranks_by_decode_time_and_picks_prefill_on_the_winners_form(clock):
+    kernels = [fake_kernel(clock, "slow decode, fast prefill", costs(3, 3, 1)),
+               fake_kernel(clock, "fast decode", costs(1, 2, 9)),
+               fake_kernel(clock, "other form", costs(2, 2, 0.1), form=TRANSPOSED)]
+    choice = measure(kernels, (48, 32), 1e-5, clock)
+    assert choice.decode == ("fast decode", "other form", "slow decode, fast prefill")
+    assert choice.prefill == {DENSE.name: "slow decode, fast prefill", TRANSPOSED.name: "other form"}
+    assert ("other form", PREFILL_TIMING_ROWS) not in clock.calls  # another form's prefill is never timed
+
+
+def test_measure_screens_out_slow_failing_and_inexact_kernels(clock):
+    def broken(x, stored):
+        raise RuntimeError("no kernel for this CPU")
+
+    kernels = [fake_kernel(clock, "fast", costs(1, 1, 1)), fake_kernel(clock, "ten times slower", costs(10, 10, 10)),
+               fake_kernel(clock, "wrong", costs(0.1, 0.1, 0.1), exact=False), Kernel("broken", DENSE, broken)]
+    choice = measure(kernels, (48, 32), 1e-5, clock)
+    assert choice.decode == ("fast", "ten times slower")
+    eight = DECODE_TIMING_ROWS[1]
+    assert clock.calls.count(("ten times slower", eight)) == 1 < clock.calls.count(("fast", eight))  # not timed
+
+
+@pytest.fixture
+def fake_kernels(clock, monkeypatch):
+    kernels = [fake_kernel(clock, "a", costs(2, 2, 2)), fake_kernel(clock, "b", costs(1, 1, 1))]
+    monkeypatch.setattr(gpt2.tuning, "kernels_for", lambda precision: kernels)
+    return kernels
+
+
+def _cache(kernel_cache):
+    return json.loads((kernel_cache / "kernels.json").read_text())
+
+
+@pytest.fixture
+def empty_cache(kernel_cache):
+    (kernel_cache / "kernels.json").unlink(missing_ok=True)
+    return kernel_cache
+
+
+def test_choices_are_written_then_read_then_measured_again_for_a_new_key(fake_kernels, clock, empty_cache,
+                                                                        monkeypatch):
+    shapes = [(48, 32), (32, 48), (48, 32)]
+    first = choices_for("float32", shapes, "cached", clock)
+    assert first[(48, 32)].decode == ("b", "a") and len(clock.calls) > 0
+    keys = set(_cache(empty_cache))
+    assert len(keys) == 2 and all("float32" in key and f"torch {torch.__version__}" in key for key in keys)
+
+    def no_clock() -> float:
+        raise AssertionError("measured although cached")
+
+    assert choices_for("float32", shapes, "cached", no_clock) == first  # read from the file
+    monkeypatch.setattr(gpt2.tuning, "cpu_name", lambda: "another CPU")
+    calls = len(clock.calls)
+    choices_for("float32", shapes[:1], "cached", clock)
+    assert len(clock.calls) > calls  # a new key: measured again, and added
+    assert len(_cache(empty_cache)) == 3
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 97)
+    choices_for("float32", shapes[:1], "cached", clock)
+    assert len(_cache(empty_cache)) == 4 and any("threads 97" in key for key in _cache(empty_cache))
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"x": 1}', "\x00\xff"])
+def test_a_corrupt_cache_file_is_ignored_and_rewritten(fake_kernels, clock, empty_cache, content):
+    (empty_cache / "kernels.json").write_text(content, errors="surrogateescape")
+    key = gpt2.tuning.cache_key("float32", (48, 32))
+    if content.startswith('{"x"'):
+        (empty_cache / "kernels.json").write_text(json.dumps({key: {"decode": 3}}))  # an entry of the wrong type
+    assert choices_for("float32", [(48, 32)], "cached", clock)[(48, 32)].decode == ("b", "a")
+    assert _cache(empty_cache)[key]["decode"] == ["b", "a"]
+    assert not [p for p in empty_cache.iterdir() if p.name.startswith(".kernels-")]  # no temporary left
+
+
+def test_modes_tune_measures_again_and_default_measures_nothing(fake_kernels, clock, empty_cache):
+    choices_for("float32", [(48, 32)], "cached", clock)
+    calls = len(clock.calls)
+    choices_for("float32", [(48, 32)], "tune", clock)
+    assert len(clock.calls) > calls
+    (empty_cache / "kernels.json").unlink()
+    assert choices_for("float32", [(48, 32)], "default", clock)[(48, 32)].decode == ("a", "b")  # list order
+    assert not (empty_cache / "kernels.json").exists()
+
+
+def test_mode_comes_from_the_argument_then_the_environment(monkeypatch):
+    monkeypatch.setenv("GPT2_PYTORCH_KERNELS", "default")
+    assert kernels_mode(None) == "default" and kernels_mode("tune") == "tune"
+    monkeypatch.setenv("GPT2_PYTORCH_KERNELS", "fastest")
+    with pytest.raises(GPT2Error, match="not one of cached, tune, default"):
+        kernels_mode(None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# a loaded model
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    hf = random_hf_model(5, **SHAPE)
+    path = tmp_path_factory.mktemp("kernels_model")
+    hf.save_pretrained(path)
+    return hf, path
+
+
+def test_load_model_uses_the_fastest_candidate(small, fake_kernels, clock, empty_cache, monkeypatch):
+    monkeypatch.setattr(gpt2.tuning, "clock_for_timing", clock)
+    model = load_model(small[1], kernels="tune")
+    assert set(model.kernel_choices().values()) == {("b", "b")}
+    ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert (model(ids) - small[0](ids).logits).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "int8"])
+def test_state_dict_is_the_checkpoints_plain_tensors(small, dtype):
+    """Names and shapes of a plain model's state_dict, plain tensors in the loaded dtype (int8: dequantized):
+    a plain GPT2LMHeadModel takes it and computes the same logits (int8: within its tolerance)."""
+    int8 = dtype == "int8"
+    loaded_dtype = torch.bfloat16 if int8 else dtype
+    model = load_model(small[1], dtype=loaded_dtype, int8=int8)
+    state = model.state_dict()
+    with torch.device("meta"):
+        plain = GPT2LMHeadModel(model.config)
+    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    assert all(type(v) is torch.Tensor and not v.is_mkldnn and v.dtype == loaded_dtype for v in state.values())
+    hf_weight = small[0].transformer.h[0].attn.c_attn.weight.t().to(loaded_dtype)  # Conv1D (in, out) -> (out, in)
+    weight = state["transformer.h.0.attn.c_attn.weight"]
+    assert (weight.float() - hf_weight.float()).abs().max() <= (0.01 if int8 else 0) * hf_weight.abs().max().float()
+    plain.load_state_dict(state, assign=True)
+    ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        ours, theirs = model(ids).float(), plain(ids).float()
+    tolerance = 0.05 if int8 else (0.02 if loaded_dtype == torch.bfloat16 else 1e-5)
+    assert (ours - theirs).abs().max() <= tolerance * theirs.abs().max()
+
+
+@pytest.mark.parametrize("move", [lambda m: m.half(), lambda m: m.to(torch.float16), lambda m: m.to("meta"),
+                                  lambda m: m.to("cuda"), lambda m: m.cuda(), lambda m: m.bfloat16()])
+def test_moving_a_cpu_model_elsewhere_says_to_load_it_again(small, move):
+    model = load_model(small[1])
+    with pytest.raises(GPT2Error) as caught:
+        move(model)
+    message = str(caught.value)
+    assert "\n" not in message and "load_model(..., device=..., dtype=...)" in message
+    assert model.transformer.wte.weight.dtype == torch.float32 and not model.transformer.wte.weight.is_meta  # unmoved
+    assert model.to("cpu").float() is model  # no move: fine
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.inference_mode():
+        assert torch.equal(copy.deepcopy(model)(ids), model(ids))
+
+
+# ---------------------------------------------------------------------------------------------------
+# int8
+
+
+def test_int8_without_any_int8_kernel_is_a_one_line_error(small, monkeypatch):
+    monkeypatch.setattr(gpt2.quantize, "int8_weight_only_available", lambda: False)
+    monkeypatch.setattr(gpt2.quantize, "int8_dynamic_available", lambda: False)
+    with pytest.raises(GPT2Error) as caught:
+        load_model(small[1], dtype=torch.bfloat16, int8=True)
+    assert "\n" not in str(caught.value) and "int8" in str(caught.value)
+
+
+@pytest.mark.skipif(not int8_dynamic_available(), reason="this torch build has no FBGEMM")
+def test_int8_without_the_weight_only_kernel_takes_the_dynamic_one_where_it_keeps_the_contract(small, monkeypatch):
+    monkeypatch.setattr(gpt2.quantize, "int8_weight_only_available", lambda: False)
+    monkeypatch.setattr(gpt2.quantize, "DYNAMIC_ERROR", 1.0)
+    model = load_model(small[1], dtype=torch.bfloat16, int8=True)
+    assert {decode for decode, _ in model.kernel_choices().values()} == {"int8 dynamic (FBGEMM)"}
+    monkeypatch.setattr(gpt2.quantize, "DYNAMIC_ERROR", 0.0)  # calibration refuses every projection
+    with pytest.raises(GPT2Error, match="int8") as caught:
+        load_model(small[1], dtype=torch.bfloat16, int8=True)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.fixture(scope="module")
+def outliers(tmp_path_factory):
+    """A random GPT-2 at transformers' init whose ln_1 and ln_2 gains are 60 times larger in three hidden
+    dimensions: the activation outliers reported for real GPT-2 checkpoints."""
+    from transformers import GPT2Config
+    from transformers import GPT2LMHeadModel as HFModel
+
+    torch.manual_seed(7)
+    hf = HFModel(GPT2Config(n_layer=2, n_embd=384, n_head=6, vocab_size=5000, n_positions=64)).eval()
+    with torch.no_grad():
+        for block in hf.transformer.h:
+            for norm in (block.ln_1, block.ln_2):
+                norm.weight[[5, 100, 300]] *= 60
+    path = tmp_path_factory.mktemp("outliers")
+    hf.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("dynamic_first", [False, True])
+def test_int8_keeps_its_contract_with_activation_outliers(outliers, dynamic_first, monkeypatch):
+    """int8 weights with bfloat16 activations alone, and with the dynamic kernel preferred wherever its
+    calibration allows it, on batches of one-token prompts as in decoding: logits within 5% of the largest
+    float32 logit, and float32's greedy choice where its margin is clear. (Over a whole sequence, gains of 60
+    make attention so sharp that bfloat16 weights alone move the logits by several percent.)"""
+    kernels = gpt2.quantize.int8_kernels()
+    if dynamic_first and not int8_dynamic_available():
+        pytest.skip("this torch build has no FBGEMM")
+    monkeypatch.setattr(gpt2.quantize, "int8_kernels", lambda: kernels[::-1] if dynamic_first else kernels[:1])
+    exact_model = load_model(outliers)
+    model = load_model(outliers, dtype=torch.bfloat16, int8=True, kernels="default")
+    dynamic = [name for name, (decode, _) in model.kernel_choices().items() if "dynamic" in decode]
+    assert bool(dynamic) == dynamic_first and "lm_head" not in dynamic
+    ids = torch.randint(0, 5000, (48, 1), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():  # batches of 8 one-token prompts: decode steps
+        exact = torch.cat([exact_model(ids[i:i + 8]) for i in range(0, 48, 8)])
+        reduced = torch.cat([model(ids[i:i + 8]) for i in range(0, 48, 8)]).float()
+    assert (reduced - exact).abs().max() <= 0.05 * exact.abs().max()
+    top2 = exact.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 0.1 * exact.abs().max()
+    assert clear.sum() >= 5 and torch.equal(reduced.argmax(-1)[clear], exact.argmax(-1)[clear])
+
+
+def test_without_smoothing_and_outlier_columns_dynamic_int8_would_break_the_contract(outliers):
+    """What the remedies are for: FBGEMM's dynamic int8 as torch's quantize_dynamic runs it (7-bit
+    activations, no smoothing, no float columns), one projection fed the outlier activations."""
+    if not int8_dynamic_available():
+        pytest.skip("this torch build has no FBGEMM")
+    model = load_model(outliers, kernels="default")
+    c_fc, seen = model.transformer.h[0].mlp.c_fc, []
+    c_fc.register_forward_pre_hook(lambda module, args: seen.append(args[0][0]))
+    with torch.inference_mode():
+        model(torch.randint(0, 5000, (1, 64), generator=torch.Generator().manual_seed(1)))
+    x = seen[0].clone()  # (64, in)
+    weight, bias = c_fc.weight_and_bias()
+    exact = F.linear(x, weight, bias)
+    quantized, scales = gpt2.quantize.quantize_rows(weight)
+    naive = torch.ops.quantized.linear_dynamic(x, torch.ops.quantized.linear_prepack(
+        torch._make_per_channel_quantized_tensor(quantized, scales.double(), torch.zeros(len(scales), dtype=torch.long),
+                                                 0), bias), True)
+    remedied = gpt2.quantize.INT8_DYNAMIC.build(weight, bias, x)
+    assert remedied is not None
+    smoothed = torch.cat([gpt2.quantize._dynamic_run(rows, remedied) for rows in x.split(8)])
+    error = {name: ((y - exact).abs().max() / exact.abs().max()).item() for name, y in
+             (("naive", naive), ("remedied", smoothed))}
+    assert error["remedied"] <= gpt2.quantize.DYNAMIC_ERROR < 3 * gpt2.quantize.DYNAMIC_ERROR < error["naive"], error
