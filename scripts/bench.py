@@ -11,6 +11,7 @@ prints one markdown table (medians with min-max, ratios ours / transformers) on 
     python scripts/bench.py --output bench.md
     python scripts/bench.py --device cuda   # on a GPU: adds float16, times with CUDA synchronisation
     python scripts/bench.py --many-prompts  # only continuous vs static batching of a prompt file
+    python scripts/bench.py --peer llama.cpp  # adds llama.cpp f32 / bf16 / q8_0 rows (builds llama-bench once)
 
 Rows: decode tokens/s (batch 1 and 8, every dtype), time to first token, 512-token prefill, process start
 to first forward with peak RSS (fresh child processes), CLI end-to-end wall time (fresh processes), and
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # `import gpt2` when run as `python scripts/bench.py`
 
 # This project's weight formats, in table order: name -> load_model keyword arguments (a dtype is named by
 # its torch name). int8 is loaded as `main.py --dtype int8` loads it: int8 weights, bfloat16 activations. A
@@ -141,7 +141,8 @@ class Row:
                 self.batch_scaling, self.bandwidth_use, self.products]
 
 
-HEADER = ["Measure", "Setting", "Ours: median (min–max)", "Transformers: median (min–max)", "Ours / transformers",
+HEADER = ["Measure", "Setting", "Ours: median (min–max)", "Peer (transformers unless named): median (min–max)",
+          "Ours / peer",
           "Ours / transformers float32 batch 1", "Ours batch 8 / ours batch 1",
           "% of bandwidth limit (ours · transformers)", "Ours: weight products alone per step (share of the step)"]
 
@@ -848,6 +849,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--many-prompts", action="store_true",
                    help="only the many-prompt rows: continuous against static batching, time to first record")
     p.add_argument("--output", metavar="FILE", help="also write the table to FILE")
+    p.add_argument("--peer", choices=("llama.cpp",), help="also time llama.cpp's llama-bench (CPU) on the same "
+                                                           "checkpoint: f32, bf16 and q8_0 beside float32, "
+                                                           "bfloat16 and int8")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where both sides run (cpu)")
     p.add_argument("--child", nargs=4, metavar=("KIND", "DIR", "STARTED", "DEVICE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -883,6 +887,32 @@ def prefill_rows(ours: dict[str, nn.Module], hf: dict[str, nn.Module], runs: int
     return rows
 
 
+# llama.cpp's GGUF type for each of our formats, compared row by row (`--peer llama.cpp`).
+LLAMA_TYPES = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0"}
+
+
+def llamacpp_rows(directory: Path, decode: list[Row], prefill: list[Row], extra: list[str]) -> list[Row]:
+    """llama.cpp's llama-bench on the same checkpoint (scripts/llamacpp_peer.py) beside our batch-1 decode
+    and prefill of the matching format, at our thread count."""
+    import torch
+    from llamacpp_peer import llamacpp_results
+
+    threads = torch.get_num_threads()
+    peer = llamacpp_results(directory, threads, tuple(LLAMA_TYPES.values()), log=log)
+    extra += [f"llama.cpp: {peer.build}; `llama-bench -t {threads} -p 512 -n 128` on the checkpoint converted by "
+              "its `convert_hf_to_gguf.py`; decode against its tg128, prefill against its pp512.", *peer.notes]
+    rows = []
+    for ours_rows, test, measure in ((decode, "tg128", "decode tok/s vs llama.cpp"),
+                                     (prefill, "pp512", "prefill tok/s vs llama.cpp")):
+        for dtype, outtype in LLAMA_TYPES.items():
+            mine = next((r for r in ours_rows if r.setting.startswith(f"batch 1, {dtype},")), None)
+            theirs = peer.stats.get(outtype, {}).get(test)
+            if mine is not None and mine.ours is not None and theirs is not None:
+                rows.append(Row(measure, f"ours {dtype} · llama.cpp {outtype} {test}", mine.ours,
+                                Stat(tuple(theirs.values)), 1 if test == "tg128" else 0))
+    return rows
+
+
 def benchmark(args: argparse.Namespace, directory: Path, started: float) -> str:
     """Every measurement, in order; the report (machine line, table, notes) as markdown."""
     log("bench: measuring memory bandwidth")
@@ -898,8 +928,12 @@ def benchmark(args: argparse.Namespace, directory: Path, started: float) -> str:
     bandwidth = Stat(before.values + memory_bandwidth(device).values)  # the machine's load may have changed
     rows = decode_rows(results, bandwidth.median)
     log(f"bench: prefill of up to {PREFILL_TOKENS} tokens")
-    rows += prefill_rows(ours, hf, args.runs, args.max_run_seconds, device)
+    prefill = prefill_rows(ours, hf, args.runs, args.max_run_seconds, device)
+    rows += prefill
     del ours, hf, settings
+    if args.peer == "llama.cpp":
+        log("bench: llama.cpp (llama-bench; built and converted once, cached)")
+        rows += llamacpp_rows(directory, rows, prefill, extra)
 
     log("bench: process start to first forward (fresh processes)")
     fresh = time_to_first_forward(directory, args.runs, device)
