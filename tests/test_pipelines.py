@@ -243,10 +243,15 @@ def test_stats(cli, streamed: Streamed, stream_record: dict) -> None:
     proc = cli(*STREAM_ARGS, "--stats")
     assert ok(proc) == streamed.stdout  # --stats leaves stdout alone
     lines = proc.stderr.decode("utf-8").splitlines()
-    assert len(lines) == 2, lines
+    assert len(lines) == 3, lines
     assert re.fullmatch(r"stats: model loaded in \d+\.\d\d s", lines[0]), lines[0]
-    m = re.fullmatch(r"stats: first token after (\d+\.\d{3}) s, (\d+) tokens, (\d+\.\d) tokens/s", lines[1])
-    assert m, lines[1]
+    # each product of the one-block model (4 projections and the LM head): "role: decode kernel / prefill kernel"
+    roles = re.fullmatch(r"stats: kernels \(decode / prefill\): (.+)", lines[1])[1].split("; ")
+    assert [role.split(": ")[0] for role in roles] == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj",
+                                                       "lm_head"], lines[1]
+    assert all(re.fullmatch(r"[\w.]+: float32 .+ / float32 .+", role) for role in roles), lines[1]
+    m = re.fullmatch(r"stats: first token after (\d+\.\d{3}) s, (\d+) tokens, (\d+\.\d) tokens/s", lines[2])
+    assert m, lines[2]
     steps = len(stream_record["tokens"]) + (stream_record["finish_reason"] == "eot")
     assert int(m[2]) == steps
     assert float(m[3]) > 0
