@@ -595,8 +595,9 @@ def first_record_seconds(command: list[str], stdin: bytes | None) -> float:
     proc.stdin.close()
     line = proc.stdout.readline() if stdin is not None else proc.stdout.read()
     seconds = time.perf_counter() - start
-    _, err = proc.communicate()
-    if proc.returncode or not line:
+    proc.stdout.read()
+    err = proc.stderr.read()
+    if proc.wait() or not line:
         raise RuntimeError(f"{' '.join(command[:3])}… exited {proc.returncode}: {err.decode()[-2000:]}")
     return seconds
 
