@@ -32,7 +32,6 @@ import os
 import platform
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from llamacpp_peer import Stat, cpuinfo_field  # standard library only, like this module
 
 if TYPE_CHECKING:
     import torch
@@ -102,20 +103,6 @@ def log(message: str) -> None:
 
 
 # --------------------------------------------------------------------------- statistics and formatting
-
-
-@dataclass(frozen=True)
-class Stat:
-    """Repeated measurements of one quantity."""
-
-    values: tuple[float, ...]
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.values)
-
-    def cell(self, digits: int) -> str:
-        return f"{self.median:.{digits}f} ({min(self.values):.{digits}f}–{max(self.values):.{digits}f})"
 
 
 def ratio(ours: float | None, theirs: float | None) -> str:
@@ -693,14 +680,17 @@ def memory_bandwidth(device: str, runs: int = 7) -> Stat:
     return Stat(tuple(rates))
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+# The instruction sets that decide which kernels win, named beside the CPU in every table.
+KERNEL_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16",
+                "amx_int8", "asimd", "sve")
+
+
+def cpu_line() -> str:
+    """The CPU's model name and the flags of KERNEL_FLAGS it has."""
+    from gpt2.tuning import cpu_name
+
+    flags = set(cpuinfo_field("flags").split()) | set(cpuinfo_field("Features").split())
+    return f"{cpu_name()} ({' '.join(f for f in KERNEL_FLAGS if f in flags) or 'flags unknown'})"
 
 
 def machine_line(bandwidth: Stat, device: str) -> str:
@@ -708,7 +698,7 @@ def machine_line(bandwidth: Stat, device: str) -> str:
     import transformers
 
     gpu = f"GPU {torch.cuda.get_device_name()} (all timed work runs there), " if device == "cuda" else ""
-    return (f"Machine: {gpu}{cpu_model()}, {os.cpu_count()} CPUs, torch.get_num_threads() = "
+    return (f"Machine: {gpu}{cpu_line()}, {os.cpu_count()} CPUs, torch.get_num_threads() = "
             f"{torch.get_num_threads()}, torch {torch.__version__}, transformers {transformers.__version__}, "
             f"Python {platform.python_version()}; streaming read bandwidth of the {device} "
             f"{bandwidth.cell(1)} GB/s.")

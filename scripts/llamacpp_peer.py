@@ -69,7 +69,7 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class Stat:
-    """Repeated measurements of one quantity (the shape of bench.py's `Stat`)."""
+    """Repeated measurements of one quantity (bench.py's table cells too)."""
 
     values: tuple[float, ...]
 
