@@ -11,7 +11,8 @@ rest, which would leave the others a few levels. So at load a short calibration 
 finds them: their products stay in float32 (LLM.int8), the other input dimensions are divided by smoothing
 factors that multiply the weight's columns (SmoothQuant); a projection whose dynamic product still strays
 from the float one on the calibration activations, and the LM head (whose error is the logits'), keep int8
-weights with bfloat16 activations.
+weights with bfloat16 activations. Errors each gate allows add up over the blocks, so the loaded model is then
+checked whole on the calibration tokens, and all its dynamic products go back to weight-only if it strays.
 """
 
 from __future__ import annotations
