@@ -11,21 +11,31 @@ rest, which would leave the others a few levels. So at load a short calibration 
 finds them: their products stay in float32 (LLM.int8), the other input dimensions are divided by smoothing
 factors that multiply the weight's columns (SmoothQuant); a projection whose dynamic product still strays
 from the float one on the calibration activations, and the LM head (whose error is the logits'), keep int8
-weights with bfloat16 activations.
+weights with bfloat16 activations. Errors each gate allows add up over the blocks, so the loaded model is then
+checked whole on the calibration tokens, and all its dynamic products go back to weight-only if it strays.
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gpt2.kernels import DECODE_ROWS, Form, Kernel, Stored, int8_dynamic_available, int8_weight_only_available
+from gpt2.kernels import (
+    DECODE_ROWS,
+    Form,
+    Kernel,
+    Projection,
+    Stored,
+    int8_dynamic_available,
+    int8_weight_only_available,
+)
 from gpt2.model import GPT2LMHeadModel
-from gpt2.tuning import projection_places
+from gpt2.tuning import default_choice, projection, projection_places
 
 # A projection takes the dynamic kernel only where, on the calibration activations, its largest error is
 # at most this fraction of the float product's largest output and this many times the weight-only kernel's.
@@ -35,6 +45,12 @@ CALIBRATION_TOKENS = 64  # random token ids run through the float model at load,
 SMOOTHING_ALPHA = 0.5  # SmoothQuant's migration strength: half of the activations' range moves to the weights
 OUTLIER_RATIO = 6.0
 MAX_OUTLIERS = 8
+# Each projection's gate bounds its own error, not how the errors add up over the blocks: after them, the whole
+# model with its dynamic products must stay within this fraction of the largest float logit on the calibration
+# tokens, half the contract's 5%, as prompts other than the calibration ones can show twice its error.
+WHOLE_MODEL_ERROR = 0.025
+HEAD_CHUNK_ROWS = 8192  # the float reference logits read the token table this many rows at a time
+CHECK_TOKENS = 16  # the whole model is checked on the first this-many calibration tokens (a quarter of the cost)
 
 
 class Int8Linear(nn.Module):
@@ -236,9 +252,19 @@ def for_the_head(kernels: list[Kernel]) -> list[Kernel]:
     return kept or kernels
 
 
-def calibration_inputs(model: GPT2LMHeadModel) -> dict[int, Tensor]:
-    """The inputs (CALIBRATION_TOKENS, in) each block projection and the LM head (key: id(module), the
-    head's under id(model.transformer.ln_f)) receive when the model, as loaded, reads random token ids."""
+@dataclass
+class Calibration:
+    """What a calibration run of the float model gives: the inputs (CALIBRATION_TOKENS, in) each block
+    projection and the LM head receive (key: id(module), the head's under id(model.transformer.ln_f)), the
+    token ids it read (1, CALIBRATION_TOKENS) and its float32 logits at the first ones (CHECK_TOKENS, vocab)."""
+
+    inputs: dict[int, Tensor]
+    ids: Tensor
+    logits: Tensor
+
+
+def calibrate(model: GPT2LMHeadModel) -> Calibration:
+    """Run the model, as loaded, on random token ids, keeping every projection's inputs and the logits."""
     inputs: dict[int, Tensor] = {}
     hooks = [module.register_forward_pre_hook(lambda m, args: inputs.__setitem__(id(m), args[0][0].float()))
              for parent, name in projection_places(model) for module in [getattr(parent, name)]]
@@ -246,8 +272,44 @@ def calibration_inputs(model: GPT2LMHeadModel) -> dict[int, Tensor]:
                         generator=torch.Generator().manual_seed(0))
     try:
         with torch.inference_mode():
-            inputs[id(model.transformer.ln_f)] = model.transformer.ln_f(model.hidden_states(ids))[0].float()
+            hidden = model.transformer.ln_f(model.hidden_states(ids))[0].float()  # (tokens, n_embd)
     finally:
         for hook in hooks:
             hook.remove()
-    return inputs
+    inputs[id(model.transformer.ln_f)] = hidden
+    return Calibration(inputs, ids, _float_logits(hidden[:CHECK_TOKENS], model.transformer.wte.weight))
+
+
+def _float_logits(hidden: Tensor, table: Tensor) -> Tensor:
+    """hidden (n, n_embd) @ table.T in float32, widening the token table a slice at a time."""
+    with torch.inference_mode():
+        return torch.cat([F.linear(hidden, rows.float()) for rows in table.split(HEAD_CHUNK_ROWS)], dim=1)
+
+
+def whole_model_error(model: GPT2LMHeadModel, calibration: Calibration) -> float:
+    """The int8 model's largest logit error on the first calibration tokens, as a fraction of the largest float
+    one (causal: the first tokens' logits do not depend on the others)."""
+    with torch.inference_mode():
+        logits = model(calibration.ids[:, :CHECK_TOKENS])[0].float()  # (CHECK_TOKENS, vocab)
+    exact = calibration.logits
+    return float((logits - exact).abs().max() / exact.abs().max())
+
+
+def keep_the_contract(model: GPT2LMHeadModel, calibration: Calibration, dynamic: dict[tuple[nn.Module, str], nn.Module],
+                      kernels: list[Kernel]) -> None:
+    """Where the products that quantize activations (`dynamic`: their places and the modules they replaced)
+    take the whole model beyond WHOLE_MODEL_ERROR on the calibration tokens, store those weights int8 with
+    bfloat16 activations instead; in place."""
+    weight_only = [kernel for kernel in kernels if kernel.form is not INT8_DYNAMIC]
+    if not dynamic or not weight_only or whole_model_error(model, calibration) <= WHOLE_MODEL_ERROR:
+        return
+    choice = default_choice(weight_only)
+    for (parent, name), old in dynamic.items():
+        dtype = getattr(parent, name).dtype
+        setattr(parent, name, projection(old.weight, old.bias, choice, weight_only, dtype,
+                                         calibration.inputs.get(id(old))))
+
+
+def quantizes_activations(module: Projection) -> bool:
+    """Whether the projection's kernel quantizes its activations (FBGEMM's dynamic int8)."""
+    return module.decode.form is INT8_DYNAMIC

@@ -278,17 +278,21 @@ def use_cpu_kernels(model: nn.Module, precision: str, mode: str | None = None) -
     shapes = [tuple(getattr(parent, name).weight.shape) for parent, name in places] + [tuple(wte.shape)]
     choices = choices_for(precision, shapes, mode)
     kernels = kernels_for(precision)
-    inputs, head_kernels = {}, kernels
+    calibration, head_kernels, dynamic = None, kernels, {}
     if precision == "int8":
-        from gpt2.quantize import calibration_inputs, for_the_head
+        from gpt2.quantize import calibrate, for_the_head, keep_the_contract, quantizes_activations
 
-        inputs, head_kernels = calibration_inputs(model), for_the_head(kernels)
+        calibration, head_kernels = calibrate(model), for_the_head(kernels)
+    inputs = calibration.inputs if calibration else {}
 
     def replace(place: tuple[nn.Module, str]) -> None:  # the original weight goes once its form is built
         parent, name = place
         old = getattr(parent, name)
         shape = tuple(old.weight.shape)
-        setattr(parent, name, projection(old.weight, old.bias, choices[shape], kernels, dtype, inputs.get(id(old))))
+        new = projection(old.weight, old.bias, choices[shape], kernels, dtype, inputs.get(id(old)))
+        if calibration and quantizes_activations(new):
+            dynamic[place] = old  # kept until the whole model is checked
+        setattr(parent, name, new)
 
     # Packing runs on one thread per weight (FBGEMM's) and lets go of the GIL: one packer per thread.
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
@@ -298,6 +302,9 @@ def use_cpu_kernels(model: nn.Module, precision: str, mode: str | None = None) -
     for module in model.modules():
         if isinstance(module, nn.LayerNorm) or module is model.transformer.wpe:
             module.float()
+    if calibration:
+        keep_the_contract(model, calibration, dynamic, kernels)
+    dynamic.clear()  # the replaced weights go before the memory is returned
     return_free_memory()
 
 
