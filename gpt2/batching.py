@@ -1,6 +1,6 @@
 """Many samples of many prompts: prompts encoded with their token budgets, the jobs (one per sample), the
-continuous run of a stream of prompts (run_jobs), each sample's own seed, and the memory check that
-refuses a batch before it would swap."""
+continuous run of a stream of prompts (run_jobs), each sample's own seed, a finished job's JSONL record,
+and the memory check that refuses a batch before it would swap."""
 
 from __future__ import annotations
 
@@ -72,6 +72,14 @@ def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     whatever else runs beside it, at any batch size, in any shard."""
     digest = hashlib.sha256(f"{seed}:{prompt_index}:{sample_index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def record(job: Job, seed: int) -> dict:
+    """A finished job's JSONL record (--format jsonl, scripts/ray_generate.py)."""
+    seconds = job.finished - job.started
+    return dict(prompt=job.prompt.text, prompt_index=job.prompt.index, sample_index=job.sample_index,
+                text=job.text.text, tokens=job.text.tokens, seed=seed, finish_reason=job.text.finish_reason,
+                tokens_per_second=round(len(job.text.tokens) / seconds, 2) if seconds > 0 else None)
 
 
 def iter_batches(prompts: Iterable[Prompt], nsamples: int, batch_size: int) -> Iterator[list[Job]]:

@@ -15,7 +15,7 @@ import sys
 import time
 
 from gpt2 import __version__
-from gpt2.batching import Job, Prompt, check_memory, encode_prompt, iter_batches
+from gpt2.batching import Job, Prompt, check_memory, encode_prompt, iter_batches, record
 from gpt2.errors import GPT2Error, UsageError
 from gpt2.promptfile import PromptLines
 
@@ -118,7 +118,7 @@ def _decode_input(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-def _argv_text(value: str) -> str:
+def argv_text(value: str) -> str:
     """Command-line text as valid Unicode: bytes that were not UTF-8 (surrogate escapes) become U+FFFD."""
     try:
         return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
@@ -141,7 +141,7 @@ def read_prompts(args: argparse.Namespace) -> list[str | None] | None:
     """The prompt of a --text, stdin or unconditional run; [None] when unconditional; None means interactive."""
     if args.unconditional:
         return [None]
-    text = None if args.text is None else _argv_text(args.text)
+    text = None if args.text is None else argv_text(args.text)
     if text is None:
         if sys.stdin.isatty():
             return None
@@ -207,12 +207,7 @@ class Output:
         if not self.jsonl:
             self.write("\n")
             return
-        seconds = job.finished - job.started
-        record = dict(prompt=job.prompt.text, prompt_index=job.prompt.index, sample_index=job.sample_index,
-                      text=job.text.text, tokens=job.text.tokens, seed=self.seed,
-                      finish_reason=job.text.finish_reason,
-                      tokens_per_second=round(len(job.text.tokens) / seconds, 2) if seconds > 0 else None)
-        self.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.write(json.dumps(record(job, self.seed), ensure_ascii=False) + "\n")
 
 
 class Stats:
@@ -370,7 +365,7 @@ def _run(args: argparse.Namespace, prog: str, lines: PromptLines | None) -> int:
     weights, vocab_dir = locate_model(args.model, args.offline, args.quiet)
     verify_vocab(vocab_dir)
     enc = get_encoder(vocab_dir)
-    args.stop = [_argv_text(stop) for stop in args.stop]
+    args.stop = [argv_text(stop) for stop in args.stop]
     int8 = args.dtype == "int8"
     model = load_model(weights, device=device, dtype=torch.bfloat16 if int8 else getattr(torch, args.dtype), int8=int8)
     if model.config.vocab_size < len(enc.encoder):
