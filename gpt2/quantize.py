@@ -256,15 +256,16 @@ def for_the_head(kernels: list[Kernel]) -> list[Kernel]:
 class Calibration:
     """What a calibration run of the float model gives: the inputs (CALIBRATION_TOKENS, in) each block
     projection and the LM head receive (key: id(module), the head's under id(model.transformer.ln_f)), the
-    token ids it read (1, CALIBRATION_TOKENS) and its float32 logits at the first ones (CHECK_TOKENS, vocab)."""
+    token ids it read (1, CALIBRATION_TOKENS), and its final hidden states (after ln_f) at the first ones
+    (CHECK_TOKENS, n_embd), whose float logits are computed only where the whole model is checked."""
 
     inputs: dict[int, Tensor]
     ids: Tensor
-    logits: Tensor
+    hidden: Tensor
 
 
 def calibrate(model: GPT2LMHeadModel) -> Calibration:
-    """Run the model, as loaded, on random token ids, keeping every projection's inputs and the logits."""
+    """Run the model, as loaded, on random token ids, keeping every projection's inputs and the hidden states."""
     inputs: dict[int, Tensor] = {}
     hooks = [module.register_forward_pre_hook(lambda m, args: inputs.__setitem__(id(m), args[0][0].float()))
              for parent, name in projection_places(model) for module in [getattr(parent, name)]]
@@ -277,7 +278,7 @@ def calibrate(model: GPT2LMHeadModel) -> Calibration:
         for hook in hooks:
             hook.remove()
     inputs[id(model.transformer.ln_f)] = hidden
-    return Calibration(inputs, ids, _float_logits(hidden[:CHECK_TOKENS], model.transformer.wte.weight))
+    return Calibration(inputs, ids, hidden[:CHECK_TOKENS])
 
 
 def _float_logits(hidden: Tensor, table: Tensor) -> Tensor:
@@ -291,7 +292,7 @@ def whole_model_error(model: GPT2LMHeadModel, calibration: Calibration) -> float
     one (causal: the first tokens' logits do not depend on the others)."""
     with torch.inference_mode():
         logits = model(calibration.ids[:, :CHECK_TOKENS])[0].float()  # (CHECK_TOKENS, vocab)
-    exact = calibration.logits
+    exact = _float_logits(calibration.hidden, model.transformer.wte.weight)  # the table stays as loaded
     return float((logits - exact).abs().max() / exact.abs().max())
 
 
