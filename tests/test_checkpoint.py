@@ -524,8 +524,8 @@ def test_corrupt_old_format_file_is_a_gpt2_error(content, tmp_path):
 
 
 def test_safetensors_tensors_read_exactly_and_a_file_cut_after_opening_is_refused(tmp_path: Path) -> None:
-    """Tensors are views of a map of the file: one cut after opening must be an error, never a crash on
-    reading past its end."""
+    """Tensors are read straight into uninitialised memory, so a short read must be an error, never a
+    tensor with whatever bytes were there."""
     path = tmp_path / "model.safetensors"
     tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "empty": torch.zeros(0, 4)}
     save_file(tensors, path)
