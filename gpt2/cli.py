@@ -50,6 +50,18 @@ def _shard(value: str) -> tuple[int, int]:
     return shard
 
 
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """--length, --temperature, --top_k, --top_p and --stop: graykode's defaults, shared with
+    scripts/ray_generate.py."""
+    p.add_argument("--length", type=int, default=None,
+                   help="new tokens per sample (default: half the context window, shrunk to fit the prompt)")
+    p.add_argument("--temperature", type=float, default=0.7, help="softmax temperature; 0 is greedy (0.7)")
+    p.add_argument("--top_k", type=int, default=40, help="sample from the k most likely tokens; 0 = all (40)")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off (1.0)")
+    p.add_argument("--stop", action="append", default=[], metavar="STRING",
+                   help="end a sample at this string, which is not printed (repeatable)")
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = Parser(prog=prog, description="Generate text with GPT-2 (samples on stdout, logs on stderr).")
     p.add_argument("--text", help="the prompt; without it (and without --prompt_file) read from stdin, or asked "
@@ -64,13 +76,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=int, default=1, help="samples per prompt (default 1)")
     p.add_argument("--unconditional", action="store_true", help="generate from <|endoftext|>, no prompt")
     p.add_argument("--batch_size", type=int, default=1, help="samples per forward pass; divides --nsamples (1)")
-    p.add_argument("--length", type=int, default=None,
-                   help="new tokens per sample (default: half the context window, shrunk to fit the prompt)")
-    p.add_argument("--temperature", type=float, default=0.7, help="softmax temperature; 0 is greedy (0.7)")
-    p.add_argument("--top_k", type=int, default=40, help="sample from the k most likely tokens; 0 = all (40)")
-    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off (1.0)")
-    p.add_argument("--stop", action="append", default=[], metavar="STRING",
-                   help="end a sample at this string, which is not printed (repeatable)")
+    add_sampling_flags(p)
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random, shown in the header)")
     p.add_argument("--format", choices=("text", "jsonl"), default="text",
                    help="text (graykode's layout) or jsonl: one JSON object per sample (default text)")

@@ -33,7 +33,7 @@ import ray
 import ray.data
 
 from gpt2.batching import Prompt, encode_prompt, record, run_jobs
-from gpt2.cli import DTYPES, argv_text, pick_device
+from gpt2.cli import DTYPES, add_sampling_flags, argv_text, pick_device
 from gpt2.errors import UsageError
 
 
@@ -47,13 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts_per_call", type=int, default=256, help="prompts handed to an actor at a time (256)")
     p.add_argument("--nsamples", type=int, default=1, help="samples per prompt (default 1)")
     p.add_argument("--batch_size", type=int, default=1, help="rows of each actor's continuous batcher (1)")
-    p.add_argument("--length", type=int, default=None,
-                   help="new tokens per sample (default: half the context window, shrunk to fit the prompt)")
-    p.add_argument("--temperature", type=float, default=0.7, help="softmax temperature; 0 is greedy (0.7)")
-    p.add_argument("--top_k", type=int, default=40, help="sample from the k most likely tokens; 0 = all (40)")
-    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off (1.0)")
-    p.add_argument("--stop", action="append", default=[], metavar="STRING",
-                   help="end a sample at this string, which is not written (repeatable)")
+    add_sampling_flags(p)
     p.add_argument("--seed", type=int, default=None, help="random seed (default: drawn, printed on stderr)")
     p.add_argument("--model", default="gpt2", help="a preset or a checkpoint path, as main.py's --model")
     p.add_argument("--device", default=None, help="torch device of each actor: cpu, cuda (default: cuda if any)")
