@@ -231,22 +231,28 @@ def test_int8_without_the_weight_only_kernel_takes_the_dynamic_one_where_it_keep
     assert "\n" not in str(caught.value)
 
 
-@pytest.fixture(scope="module")
-def outliers(tmp_path_factory):
-    """A random GPT-2 at transformers' init whose ln_1 and ln_2 gains are 60 times larger in three hidden
-    dimensions: the activation outliers reported for real GPT-2 checkpoints."""
+def save_outlier_model(path, **config):
+    """A random GPT-2 (transformers' init, seed 7) whose ln_1 and ln_2 gains are 60 times larger in three hidden
+    dimensions, saved to `path`."""
     from transformers import GPT2Config
     from transformers import GPT2LMHeadModel as HFModel
 
     torch.manual_seed(7)
-    hf = HFModel(GPT2Config(n_layer=2, n_embd=384, n_head=6, vocab_size=5000, n_positions=64)).eval()
+    hf = HFModel(GPT2Config(**config)).eval()
     with torch.no_grad():
         for block in hf.transformer.h:
             for norm in (block.ln_1, block.ln_2):
                 norm.weight[[5, 100, 300]] *= 60
-    path = tmp_path_factory.mktemp("outliers")
     hf.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def outliers(tmp_path_factory):
+    """A random GPT-2 at transformers' init whose ln_1 and ln_2 gains are 60 times larger in three hidden
+    dimensions: the activation outliers reported for real GPT-2 checkpoints."""
+    return save_outlier_model(tmp_path_factory.mktemp("outliers"), n_layer=2, n_embd=384, n_head=6,
+                              vocab_size=5000, n_positions=64)
 
 
 @pytest.mark.parametrize("dynamic_first", [False, True])
@@ -279,18 +285,7 @@ def test_int8_keeps_its_contract_with_activation_outliers(outliers, dynamic_firs
 def wide_outliers(tmp_path_factory):
     """The outlier model at four blocks of GPT-2 124M's widths, where every projection's dynamic product passes
     its own gate but together they take the logits beyond the contract (weight-only int8 alone keeps it)."""
-    from transformers import GPT2Config
-    from transformers import GPT2LMHeadModel as HFModel
-
-    torch.manual_seed(7)
-    hf = HFModel(GPT2Config(n_layer=4, n_positions=64)).eval()
-    with torch.no_grad():
-        for block in hf.transformer.h:
-            for norm in (block.ln_1, block.ln_2):
-                norm.weight[[5, 100, 300]] *= 60
-    path = tmp_path_factory.mktemp("wide_outliers")
-    hf.save_pretrained(path)
-    return path
+    return save_outlier_model(tmp_path_factory.mktemp("wide_outliers"), n_layer=4, n_positions=64)
 
 
 @pytest.mark.skipif(not int8_dynamic_available(), reason="this torch build has no FBGEMM")
