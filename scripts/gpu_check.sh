@@ -10,7 +10,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-timeout 150 python -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/pytest.log"
+timeout 150 python -m pytest -q -n 0 -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/pytest.log"
 tests=${PIPESTATUS[0]}
 timeout 390 python scripts/bench.py --device cuda --max-run-seconds 5 --output "$out/bench_cuda.md" 2> "$out/bench_cuda.log"
 bench=$?

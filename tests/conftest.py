@@ -101,9 +101,11 @@ def random_hf_model(seed: int, **config) -> HFModel:
     import torch
     from transformers import GPT2Config as HFConfig
     from transformers import GPT2LMHeadModel as HFModel
+    from transformers.initialization import no_init_weights
 
-    torch.manual_seed(seed)
-    hf = HFModel(HFConfig(**config)).eval()
+    with no_init_weights():  # every tensor is drawn below: transformers' own init would be wasted time
+        hf = HFModel(HFConfig(**config)).eval()
+    hf.tie_weights()
     gen = torch.Generator().manual_seed(seed)
     n_embd = hf.config.n_embd
     with torch.no_grad():
@@ -246,6 +248,17 @@ def torch_threads(n: int = THREADS) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def worker_threads() -> Iterator[None]:
+    """Each pytest-xdist worker gets its share of the cores, so that workers do not wait on each other's
+    OpenMP barriers."""
+    import torch
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    with torch_threads(max(1, torch.get_num_threads() // workers)):
+        yield
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, random_hf_model, run_main, tiny_legacy_state
+from conftest import REPO, random_hf_model, run_main, tiny_legacy_state, torch_threads
 
 import gpt2.batching
 from gpt2.batching import Prompt, run_jobs, sample_seed
@@ -40,11 +40,9 @@ SAMPLED = ["--format", "jsonl", "--seed", "11", "--length", "12", "--nsamples", 
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def module_on_one_thread():
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

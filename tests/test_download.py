@@ -166,7 +166,7 @@ def hub(hf_vocab: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPa
             state.files[f"/{repo}/resolve/main/{fname}"] = data
     server = QuietServer(("127.0.0.1", 0), _handler(state))
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     state.url = f"http://127.0.0.1:{server.server_address[1]}"
     monkeypatch.setenv("HF_ENDPOINT", state.url)

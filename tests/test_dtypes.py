@@ -38,11 +38,15 @@ def ids():
     return torch.randint(0, 50257, (2, 96), generator=torch.Generator().manual_seed(0))
 
 
-@functools.cache  # each dtype's logits once: the tests only read them
+@functools.cache  # each dtype's model once: no test changes a model it is given
+def _model(directory, dtype_name: str):
+    return load_model(directory, dtype=DTYPES[dtype_name], int8=dtype_name == "int8")
+
+
+@functools.cache
 def _logits(directory, dtype_name: str, ids: torch.Tensor) -> torch.Tensor:
-    model = load_model(directory, dtype=DTYPES[dtype_name], int8=dtype_name == "int8")
     with torch.inference_mode():
-        return model(ids).float()
+        return _model(directory, dtype_name)(ids).float()
 
 
 @pytest.mark.parametrize("dtype_name", TOLERANCE)
@@ -65,7 +69,7 @@ def test_greedy_choice_matches_float32_where_the_margin_is_clear(checkpoint, ids
 
 
 def test_int8_weights_are_int8_and_generation_runs(checkpoint):
-    model = load_model(checkpoint, dtype=torch.bfloat16, int8=True)
+    model = _model(checkpoint, "int8")
     assert all(decode.startswith("int8") and prefill.startswith("int8")
                for decode, prefill in model.kernel_choices().values())
     steps = list(generate(model, [[464, 3290], [40]], 5, temperature=0))
@@ -104,7 +108,7 @@ def test_cpu_16_bit_model_keeps_the_dtypes_values_with_float32_activations(check
     within float16's 2**-25 below, where float16 has fewer digits. Hidden states, KV caches and logits are
     float32."""
     dtype = DTYPES[dtype_name]
-    model = load_model(checkpoint, dtype=dtype)
+    model = _model(checkpoint, dtype_name)
     state = load_file(checkpoint / "model.safetensors")
     block = model.transformer.h[1]
     for name, module in (("attn.c_attn", block.attn.c_attn), ("attn.c_proj", block.attn.c_proj),
@@ -147,7 +151,7 @@ def test_cli_memory_check_counts_float32_kv_caches_of_a_16_bit_cpu_model(checkpo
     import gpt2.batching
     from gpt2.errors import UsageError
 
-    model = load_model(checkpoint, dtype=torch.bfloat16)
+    model = _model(checkpoint, "bfloat16")
     cfg = model.config
     need = 8 * (2 * cfg.n_layer * cfg.n_embd * 1024 * 4 + 4 * cfg.vocab_size * 4)
 

@@ -32,15 +32,8 @@ NEG_INF = float("-inf")
 # helpers and fixtures
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Sampling runs thousands of tiny ops; on a busy 2-core machine each one waits for the second thread
-    to be scheduled (ten times slower). Both sides run under the same setting; the multi-thread product
-    has its own tests in test_model.py."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Sampling runs thousands of tiny ops, both sides on one thread; the multi-thread product is tested in test_model.py.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +152,7 @@ def test_start_token_and_context_are_exclusive(pair):
 
 def test_124m_shape_matches_transformers(hf_124m, ours_124m):
     ctx = torch.randint(0, VOCAB, (20,), generator=torch.Generator().manual_seed(3)).tolist()
-    length = 64
+    length = 24
     mine = ours_sample(ours_124m, 42, length, 1, context=ctx, top_k=40, temperature=0.7, eot_token=EOT)
     theirs = hf_sample(hf_124m.eval(), 42, length, 1, context=ctx, do_sample=True, top_k=40, temperature=0.7)
     assert_same_tokens(mine, theirs)
