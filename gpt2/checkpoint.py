@@ -53,23 +53,27 @@ def find_weight_file(path: Path) -> Path:
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
-def _anonymous_memory(size: int) -> mmap.mmap:
-    """`size` bytes of fresh memory of its own mapping: no zero-fill pass before a read into it (Linux maps
-    it in one go), and unmapped, so returned to the system, as soon as a tensor that was only a step on
-    the way (transposed, cast) is dropped. Reading into heap memory instead cost 50 MiB of load peak."""
-    if hasattr(mmap, "MAP_ANONYMOUS"):
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-        return mmap.mmap(-1, size, flags=flags)
-    return mmap.mmap(-1, size)
+def _private_map(path: Path, offset: int, length: int) -> tuple[mmap.mmap, int]:
+    """`length` bytes of the file from `offset`, mapped copy-on-write, and where they start in the map (maps
+    start on an allocation boundary). The pages are the page cache's own, so nothing is copied or
+    zero-filled; a write through the map goes to a private copy, never to the file. ValueError where the
+    file ends before offset + length."""
+    aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+    with path.open("rb") as f:  # ACCESS_COPY: MAP_PRIVATE, faulted in as read (MAP_POPULATE would copy)
+        view = mmap.mmap(f.fileno(), offset + length - aligned, access=mmap.ACCESS_COPY, offset=aligned)
+    return view, offset - aligned
 
 
 class SafetensorsFile(Mapping[str, Tensor]):
-    """The tensors of a .safetensors file, each read from disk when it is asked for.
+    """The tensors of a .safetensors file, each mapped from disk when it is asked for.
 
-    safetensors validates the header (dtypes, shapes, offsets inside the file) when the file is opened;
-    each tensor is then read straight into memory of its own (_anonymous_memory), not through a memory
-    map of the file, so converting the tensors one at a time (transpose, cast) never holds two copies of
-    the weights in memory, and a file changed later cannot change the weights.
+    safetensors validates the header (dtypes, shapes, offsets inside the file) when the file is opened.
+    Each tensor is then a copy-on-write map of its own bytes in the file (_private_map), as transformers
+    and llama.cpp map theirs: loading reads nothing twice, a tensor that is converted (transposed, cast)
+    lets go of its map once the converted copy is made, and one kept as it is stays in the page cache,
+    shared with any other process that reads the file. Replacing the file (a new download, a rename over
+    it) leaves the loaded weights alone; writing into it in place, or cutting it short, while a model
+    from it runs, is not supported, as with any mapped file.
     """
 
     def __init__(self, path: Path) -> None:
@@ -94,13 +98,13 @@ class SafetensorsFile(Mapping[str, Tensor]):
         dtype, shape, start, end = self._entries[key]
         if end == start:
             return torch.empty(shape, dtype=dtype)
-        buffer = _anonymous_memory(end - start)
-        with self._path.open("rb") as f:
-            f.seek(self._data_start + start)
-            if f.readinto(buffer) != end - start:
-                raise GPT2Error(f"{self._path}: tensor {key} is cut short (file changed while loading?); "
-                                "download it again")
-        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)  # little-endian, as safetensors specifies
+        try:
+            view, at = _private_map(self._path, self._data_start + start, end - start)
+        except ValueError as exc:  # the file ends before the tensor does
+            raise GPT2Error(f"{self._path}: tensor {key} is cut short (file changed while loading?); "
+                            "download it again") from exc
+        # little-endian, as safetensors specifies
+        return torch.frombuffer(view, dtype=dtype, offset=at, count=(end - start) // dtype.itemsize).reshape(shape)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
 import pickle
 import re
 from collections.abc import Callable
@@ -524,8 +525,8 @@ def test_corrupt_old_format_file_is_a_gpt2_error(content, tmp_path):
 
 
 def test_safetensors_tensors_read_exactly_and_a_file_cut_after_opening_is_refused(tmp_path: Path) -> None:
-    """Tensors are read straight into uninitialised memory, so a short read must be an error, never a
-    tensor with whatever bytes were there."""
+    """Tensors are maps of their bytes in the file, so a file that ends before a tensor does must be an
+    error, never a tensor that faults when read."""
     path = tmp_path / "model.safetensors"
     tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "empty": torch.zeros(0, 4)}
     save_file(tensors, path)
@@ -539,6 +540,23 @@ def test_safetensors_tensors_read_exactly_and_a_file_cut_after_opening_is_refuse
         f.truncate(len(data) - 4)  # the last tensor in the file loses its last bytes
     with pytest.raises(GPT2Error, match="cut short"):
         state[last]
+
+
+def test_safetensors_tensors_are_private_copies_of_the_file(tmp_path: Path) -> None:
+    """A write into a loaded tensor never reaches the file, and replacing the file (a new download renamed
+    over it) leaves the loaded tensors as they were."""
+    path = tmp_path / "model.safetensors"
+    original = {"a": torch.arange(4096.0).view(64, 64), "b": torch.ones(3)}
+    save_file(original, path)
+    before = path.read_bytes()
+    state = read_state_dict(path)
+    loaded = state["a"]
+    loaded[0, 0] = -1.0
+    assert path.read_bytes() == before
+    assert torch.equal(state["a"], original["a"])  # read again: the file's value
+    save_file({"a": torch.zeros(64, 64), "b": torch.zeros(3)}, tmp_path / "new.safetensors")
+    os.replace(tmp_path / "new.safetensors", path)
+    assert loaded[0, 1] == 1.0 and torch.equal(loaded[1:], original["a"][1:])
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
