@@ -220,8 +220,13 @@ def _checked_against(declared: GPT2Config, sizes: dict[str, int], config_file: P
 
 
 def convert_state_dict(state: Mapping[str, Tensor], expected: Mapping[str, torch.Size],
-                       dtype: torch.dtype | None = None, source: str = "checkpoint") -> dict[str, Tensor]:
-    """Rename, transpose Conv1D weights and cast; raise naming any missing, unexpected or mis-shaped key."""
+                       dtype: torch.dtype | None = None, source: str = "checkpoint",
+                       transpose: bool = True) -> dict[str, Tensor]:
+    """Rename, transpose Conv1D weights and cast; raise naming any missing, unexpected or mis-shaped key.
+
+    With `transpose=False` a Conv1D weight keeps its stored (in, out) layout and is given as its transposed
+    view (out, in): the CPU kernels' forms (gpt2.kernels) lay each weight out as their kernel reads it, and
+    for some that is the stored layout, which then is never copied."""
     out: dict[str, Tensor] = {}
     unexpected, misshaped, seen = [], [], set()
     for key in state:
@@ -232,14 +237,16 @@ def convert_state_dict(state: Mapping[str, Tensor], expected: Mapping[str, torch
         if name not in expected or not stored.is_floating_point():
             unexpected.append(key)
             continue
-        tensor = stored.t() if name.endswith(CONV1D_WEIGHTS) and stored.dim() == 2 else stored
+        conv1d = name.endswith(CONV1D_WEIGHTS) and stored.dim() == 2
+        tensor = stored.t() if conv1d else stored
         seen.add(name)
         if tensor.shape != expected[name]:
             misshaped.append(f"{key} {tuple(tensor.shape)} (expected {tuple(expected[name])})")
             continue
         if not _all_finite(stored):  # as stored: a reduction over a transposed view is many times slower
             raise GPT2Error(f"{source}: tensor {key} holds NaN or infinite values; the checkpoint is damaged")
-        out[name] = _dense(tensor, dtype or tensor.dtype)
+        out[name] = _dense(tensor, dtype or tensor.dtype) if transpose or not conv1d \
+            else _dense(stored, dtype or stored.dtype).t()
     missing = sorted(set(expected) - seen)
     problems = [f"{label}: {_listing(items)}" for label, items in
                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)) if items]
@@ -286,12 +293,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     with torch.device("meta"):
         model = GPT2LMHeadModel(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    weights = convert_state_dict(state, expected, dtype, source=str(weight_file))
+    on_cpu = torch.device(device).type == "cpu"
+    weights = convert_state_dict(state, expected, dtype, source=str(weight_file), transpose=not on_cpu)
     del state
     model.load_state_dict(weights, strict=True, assign=True)
     del weights
     model.eval()
-    if torch.device(device).type == "cpu":
+    if on_cpu:
         from gpt2.tuning import kernels_mode, use_cpu_kernels
 
         use_cpu_kernels(model, "int8" if int8 else str(dtype).removeprefix("torch."), kernels_mode(kernels))

@@ -105,8 +105,8 @@ def row_pieces(rows: int) -> list[int]:
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear(x, weight, bias) through oneDNN on CPU (which also takes a packed weight, pack_weight), in
     row_pieces; F.linear where oneDNN is missing or the tensors are elsewhere."""
-    if not weight.is_mkldnn and (x.device.type != "cpu" or not onednn_linear_available()):
-        return F.linear(x, weight, bias)
+    if not weight.is_mkldnn and (x.device.type != "cpu" or not onednn_linear_available() or not weight.is_contiguous()):
+        return F.linear(x, weight, bias)  # which also reads a transposed view as it is
     rows = x.numel() // x.size(-1)
     pieces = row_pieces(rows)
     if len(pieces) == 1 and pieces[0] == rows:
@@ -120,7 +120,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 def pack_weight(weight: Tensor) -> Tensor:
     """The (out, in) CPU weight in oneDNN's blocked layout: an opaque tensor only `linear` reads."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS)
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_ROWS)
 
 
 class Linear(nn.Linear):
@@ -200,7 +200,8 @@ def _float16_build(weight: Tensor, bias: Tensor | None, _: Tensor | None) -> Sto
     low, high = torch.aminmax(weight.detach())  # one pass, no temporary the size of the weight
     if float(low) < -FLOAT16_MAX or float(high) > FLOAT16_MAX:
         return None
-    return (torch.ops.quantized.linear_prepack_fp16(weight.detach().float(), _cast(bias, torch.float32)),)
+    weight = weight.detach().float().contiguous()  # (out, in)
+    return (torch.ops.quantized.linear_prepack_fp16(weight, _cast(bias, torch.float32)),)
 
 
 def _float16_unpack(stored: Stored) -> tuple[Tensor, Tensor | None]:

@@ -128,7 +128,7 @@ def _with_outliers(y: Tensor, x: Tensor, outliers: Tensor, columns: Tensor) -> T
 
 def _split(weight: Tensor, inputs: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """The float32 weight (out, in) with its outlier columns zeroed, the outliers (k,), their columns (out, k)."""
-    w = weight.detach().float()
+    w = weight.detach().float().contiguous()  # (out, in)
     outliers = _outliers(inputs)
     columns = w.index_select(1, outliers)  # (out, k)
     if outliers.numel():

@@ -4,9 +4,11 @@ on this machine, once, the ranking remembered in `<cache>/kernels.json`.
 The fastest kernel differs between CPUs (native bfloat16 and AMX favour oneDNN's packed bfloat16 weights
 and VNNI FBGEMM's dynamic int8; without them FBGEMM's float16 weights and torch's int8-weight product win),
 so no fixed choice is right everywhere. The file is keyed by CPU model, thread count, torch version, precision
-and shape: any change measures again. A decode step multiplies 1 to 8 rows, a prompt hundreds: the
-form a weight is stored in is the one of the fastest decode kernel (decoding dominates generation), and
-prefill takes the fastest kernel that reads that same form.
+and the weight's shape and layout: any change measures again. A decode step multiplies 1 to 8 rows, a
+prompt hundreds: the form a weight is stored in is the one of the fastest decode kernel (decoding
+dominates generation), and prefill takes the fastest kernel that reads that same form. Building a form
+at load (a transpose, a cast, packing) is time too, paid on every load: it is spread over LOAD_STEPS
+decode steps in the ranking.
 
 Modes (load_model's `kernels=`, else the environment variable GPT2_PYTORCH_KERNELS, read only):
 "cached" (the default) uses the file and measures what it lacks; "tune" measures everything again;
@@ -46,8 +48,10 @@ REPEATS = 3  # timed calls per kernel and row count, after one untimed call; the
 # quantize (see gpt2.quantize). A broken or inexact kernel is never chosen.
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2, "int8": 3e-2}
 SCREEN = 2.0  # kernels slower than this many times the fastest at one row are not timed further
+LOAD_STEPS = 512  # decode steps a load is spread over in the ranking: the CLI's default --length
 
 Clock = Callable[[], float]
+Layout = tuple[tuple[int, int], bool]  # a weight's (out, in) and whether it is a transposed view of (in, out)
 clock_for_timing: Clock = time.perf_counter  # what timing reads when no clock is passed (a test's fake one)
 
 
@@ -88,10 +92,12 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
-def cache_key(precision: str, shape: tuple[int, int]) -> str:
-    """What a measurement depends on: CPU, threads, torch build, precision and the weight's (out, in)."""
+def cache_key(precision: str, layout: Layout) -> str:
+    """What a measurement depends on: CPU, threads, torch build, precision, the weight's (out, in) and
+    whether it is stored (in, out) (a Conv1D weight as loaded)."""
+    (out_features, in_features), transposed = layout
     return (f"{cpu_name()} | threads {torch.get_num_threads()} | torch {torch.__version__} | {precision} | "
-            f"{shape[0]}x{shape[1]}")
+            f"{out_features}x{in_features}{' stored (in, out)' if transposed else ''}")
 
 
 def cache_file() -> Path:
@@ -139,11 +145,14 @@ def _fastest_call(kernel: Kernel, stored: tuple, x: Tensor, clock: Clock) -> flo
     return best
 
 
-def _random_operands(shape: tuple[int, int]) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
-    """A weight (out, in), bias (out,) and inputs (rows, in) for every timed row count, from a local generator."""
+def _random_operands(shape: tuple[int, int], transposed: bool) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
+    """A weight (out, in) laid out as load_model gives it (`transposed`: a view of (in, out)), bias (out,)
+    and inputs (rows, in) for every timed row count, from a local generator."""
     gen = torch.Generator().manual_seed(0)
     out_features, in_features = shape
     weight = torch.randn(out_features, in_features, generator=gen) / in_features**0.5  # (out, in)
+    if transposed:
+        weight = weight.t().contiguous().t()
     bias = torch.randn(out_features, generator=gen) * 0.1
     inputs = {rows: torch.randn(rows, in_features, generator=gen)  # (rows, in)
               for rows in (*DECODE_TIMING_ROWS, PREFILL_TIMING_ROWS)}
@@ -155,22 +164,26 @@ def _close(result: Tensor, exact: Tensor, tolerance: float) -> bool:
 
 
 def measure(kernels: list[Kernel], shape: tuple[int, int], tolerance: float,
-            clock: Clock = time.perf_counter) -> Choice:
-    """Rank `kernels` for a weight of `shape` (out, in) by decode time, on fixed random tensors: all at one
-    row, those within SCREEN times the fastest also at the other DECODE_TIMING_ROWS (their sum ranks them).
+            clock: Clock = time.perf_counter, transposed: bool = False) -> Choice:
+    """Rank `kernels` for a weight of `shape` (out, in) (`transposed`: stored (in, out)) by the time of a
+    decode step plus their form's build time over LOAD_STEPS, on fixed random tensors: all at one row,
+    those within SCREEN times the fastest also at the other DECODE_TIMING_ROWS (their mean is the step).
     Prefill (PREFILL_TIMING_ROWS rows) picks among the kernels of the fastest one's form; other forms get
     their first kernel. A kernel whose form cannot hold the random weight, that fails, or whose result is
     off the float64 product by more than `tolerance` of its largest value, is left out."""
-    weight, bias, inputs = _random_operands(shape)
+    weight, bias, inputs = _random_operands(shape, transposed)
     x = inputs[DECODE_TIMING_ROWS[-1]]
     exact = torch.nn.functional.linear(x.double(), weight.double(), bias.double())  # (rows, out)
     stored: dict[str, tuple | None] = {}
+    build_time: dict[str, float] = {}
     decode_time: dict[str, float] = {}
     for kernel in kernels:
         form = kernel.form.name
         try:
             if form not in stored:
+                start = clock()
                 stored[form] = kernel.form.build(weight, bias, None)
+                build_time[form] = clock() - start
             if stored[form] is None or not _close(kernel.run(x, stored[form]), exact, tolerance):
                 continue
             decode_time[kernel.name] = _fastest_call(kernel, stored[form], inputs[DECODE_TIMING_ROWS[0]], clock)
@@ -185,7 +198,9 @@ def measure(kernels: list[Kernel], shape: tuple[int, int], tolerance: float,
                                      for rows in DECODE_TIMING_ROWS[1:])
         else:
             decode_time[name] *= len(DECODE_TIMING_ROWS)  # after every kernel timed at all row counts
-    ranking = tuple(sorted(decode_time, key=decode_time.get))
+    cost = {name: seconds / len(DECODE_TIMING_ROWS) + build_time[by_name[name].form.name] / LOAD_STEPS
+            for name, seconds in decode_time.items()}
+    ranking = tuple(sorted(cost, key=cost.get))
     prefill = {}
     for name in ranking:
         prefill.setdefault(by_name[name].form.name, name)
@@ -206,29 +221,31 @@ def default_choice(kernels: list[Kernel]) -> Choice:
     return Choice(tuple(k.name for k in kernels), prefill)
 
 
-def choices_for(precision: str, shapes: Iterable[tuple[int, int]], mode: str,
-                clock: Clock | None = None) -> dict[tuple[int, int], Choice]:
-    """A ranking for every shape: from the cache file, or measured (and written there), or the defaults."""
+def choices_for(precision: str, layouts: Iterable[Layout], mode: str,
+                clock: Clock | None = None) -> dict[Layout, Choice]:
+    """A ranking for every weight layout: from the cache file, or measured (and written there), or the
+    defaults."""
     kernels = kernels_for(precision)
     if not kernels:
         raise GPT2Error(f"this torch build ({torch.__version__}) has no CPU kernel for {precision} products "
                         "(int8 needs torch._weight_int8pack_mm or FBGEMM): use --dtype bfloat16 or float32, "
                         "or a newer torch")
     if mode == "default":
-        return {shape: default_choice(kernels) for shape in shapes}
+        return {layout: default_choice(kernels) for layout in layouts}
     path = cache_file()
     cached = read_cache(path) if mode == "cached" else {}
     stored = read_cache(path) if mode == "tune" else cached
     names = {k.name for k in kernels}
     choices, changed = {}, False
-    for shape in dict.fromkeys(shapes):
-        key = cache_key(precision, shape)
+    for layout in dict.fromkeys(layouts):
+        key = cache_key(precision, layout)
         choice = Choice.from_json(cached.get(key))
         if choice is None or not set(choice.decode) <= names:
-            timed = (min(shape[0], HEAD_TIMING_ROWS), shape[1])
-            choice = measure(kernels, timed, TOLERANCE[precision], clock or clock_for_timing)
+            (out_features, in_features), transposed = layout
+            timed = (min(out_features, HEAD_TIMING_ROWS), in_features)
+            choice = measure(kernels, timed, TOLERANCE[precision], clock or clock_for_timing, transposed)
             stored[key], changed = choice.to_json(), True
-        choices[shape] = choice
+        choices[layout] = choice
     if changed:
         write_cache(path, stored)
     return choices
@@ -257,6 +274,10 @@ def projection(weight: Tensor, bias: Tensor | None, choice: Choice, kernels: lis
                     f"{tuple(weight.shape)}: use another --dtype")
 
 
+def layout_of(weight: Tensor) -> Layout:
+    return tuple(weight.shape), not weight.is_contiguous()
+
+
 def projection_places(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """(parent, attribute name) of every block projection: no reference that would keep a weight alive
     once the projection is replaced."""
@@ -275,8 +296,8 @@ def use_cpu_kernels(model: nn.Module, precision: str, mode: str | None = None) -
     places = projection_places(model)
     wte = model.transformer.wte.weight
     dtype = wte.dtype
-    shapes = [tuple(getattr(parent, name).weight.shape) for parent, name in places] + [tuple(wte.shape)]
-    choices = choices_for(precision, shapes, mode)
+    weights = [getattr(parent, name).weight for parent, name in places] + [wte]
+    choices = choices_for(precision, [layout_of(weight) for weight in weights], mode)
     kernels = kernels_for(precision)
     calibration, head_kernels, dynamic = None, kernels, {}
     if precision == "int8":
@@ -288,8 +309,7 @@ def use_cpu_kernels(model: nn.Module, precision: str, mode: str | None = None) -
     def replace(place: tuple[nn.Module, str]) -> None:  # the original weight goes once its form is built
         parent, name = place
         old = getattr(parent, name)
-        shape = tuple(old.weight.shape)
-        new = projection(old.weight, old.bias, choices[shape], kernels, dtype, inputs.get(id(old)))
+        new = projection(old.weight, old.bias, choices[layout_of(old.weight)], kernels, dtype, inputs.get(id(old)))
         if calibration and quantizes_activations(new):
             dynamic[place] = old  # kept until the whole model is checked
         setattr(parent, name, new)
@@ -297,7 +317,7 @@ def use_cpu_kernels(model: nn.Module, precision: str, mode: str | None = None) -
     # Packing runs on one thread per weight (FBGEMM's) and lets go of the GIL: one packer per thread.
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
         list(pool.map(replace, places))
-    model.lm_head = projection(wte, None, choices[tuple(wte.shape)], head_kernels, dtype,
+    model.lm_head = projection(wte, None, choices[layout_of(wte)], head_kernels, dtype,
                                inputs.get(id(model.transformer.ln_f)), tied=True)
     for module in model.modules():
         if isinstance(module, nn.LayerNorm) or module is model.transformer.wpe:

@@ -4,6 +4,7 @@ state_dict, moving, copying; int8's contract with activation outliers; missing i
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -17,9 +18,10 @@ from gpt2.checkpoint import load_model
 from gpt2.errors import GPT2Error
 from gpt2.kernels import Kernel, _dense_form, _transposed_form, int8_dynamic_available
 from gpt2.model import GPT2LMHeadModel
-from gpt2.tuning import DECODE_TIMING_ROWS, PREFILL_TIMING_ROWS, choices_for, kernels_mode, measure
+from gpt2.tuning import DECODE_TIMING_ROWS, LOAD_STEPS, PREFILL_TIMING_ROWS, choices_for, kernels_mode, measure
 
 SHAPE = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=64)
+W = (48, 32)  # a weight's (out, in) for the tuner
 DENSE, TRANSPOSED = _dense_form(torch.float32), _transposed_form(torch.float32)
 
 
@@ -62,7 +64,7 @@ def test_measure_ranks_by_decode_time_and_picks_prefill_on_the_winners_form(cloc
     kernels = [fake_kernel(clock, "slow decode, fast prefill", costs(3, 3, 1)),
                fake_kernel(clock, "fast decode", costs(1, 2, 9)),
                fake_kernel(clock, "other form", costs(2, 2, 0.1), form=TRANSPOSED)]
-    choice = measure(kernels, (48, 32), 1e-5, clock)
+    choice = measure(kernels, W, 1e-5, clock)
     assert choice.decode == ("fast decode", "other form", "slow decode, fast prefill")
     assert choice.prefill == {DENSE.name: "slow decode, fast prefill", TRANSPOSED.name: "other form"}
     assert ("other form", PREFILL_TIMING_ROWS) not in clock.calls  # another form's prefill is never timed
@@ -74,10 +76,32 @@ def test_measure_screens_out_slow_failing_and_inexact_kernels(clock):
 
     kernels = [fake_kernel(clock, "fast", costs(1, 1, 1)), fake_kernel(clock, "ten times slower", costs(10, 10, 10)),
                fake_kernel(clock, "wrong", costs(0.1, 0.1, 0.1), exact=False), Kernel("broken", DENSE, broken)]
-    choice = measure(kernels, (48, 32), 1e-5, clock)
+    choice = measure(kernels, W, 1e-5, clock)
     assert choice.decode == ("fast", "ten times slower")
     eight = DECODE_TIMING_ROWS[1]
     assert clock.calls.count(("ten times slower", eight)) == 1 < clock.calls.count(("fast", eight))  # not timed
+
+
+def test_measure_counts_a_forms_build_spread_over_the_steps_of_a_load(clock):
+    """A kernel a little faster per step loses to one whose form is free to build, where its own form's
+    build at load costs more than it saves over LOAD_STEPS steps; the form is built from the weight laid
+    out as the loader gives it."""
+    seen: list[bool] = []
+
+    def slow_build(weight, bias, inputs):
+        seen.append(weight.is_contiguous())
+        clock.now += 0.5 * LOAD_STEPS  # half a second a step, spread over a load
+        return DENSE.build(weight, bias, inputs)
+
+    slow = dataclasses.replace(DENSE, name="slow to build", build=slow_build)
+    kernels = [fake_kernel(clock, "fast, slow to build", costs(1, 1, 1), form=slow),
+               fake_kernel(clock, "a little slower", costs(1.2, 1.2, 1), form=TRANSPOSED)]
+    assert measure(kernels, W, 1e-5, clock).decode == ("a little slower", "fast, slow to build")
+    assert measure(kernels, W, 1e-5, clock, transposed=True).decode[0] == "a little slower"
+    assert seen == [True, False]
+    clock.now = 0.0
+    kernels[0] = fake_kernel(clock, "much faster", costs(0.1, 0.1, 1), form=slow)
+    assert measure(kernels, W, 1e-5, clock).decode[0] == "much faster"
 
 
 @pytest.fixture
@@ -99,11 +123,11 @@ def empty_cache(kernel_cache):
 
 def test_choices_are_written_then_read_then_measured_again_for_a_new_key(fake_kernels, clock, empty_cache,
                                                                         monkeypatch):
-    shapes = [(48, 32), (32, 48), (48, 32)]
+    shapes = [(W, False), ((32, 48), False), (W, False), (W, True)]  # the last one stored (in, out)
     first = choices_for("float32", shapes, "cached", clock)
-    assert first[(48, 32)].decode == ("b", "a") and len(clock.calls) > 0
+    assert first[W, False].decode == ("b", "a") and len(clock.calls) > 0
     keys = set(_cache(empty_cache))
-    assert len(keys) == 2 and all("float32" in key and f"torch {torch.__version__}" in key for key in keys)
+    assert len(keys) == 3 and all("float32" in key and f"torch {torch.__version__}" in key for key in keys)
 
     def no_clock() -> float:
         raise AssertionError("measured although cached")
@@ -113,30 +137,30 @@ def test_choices_are_written_then_read_then_measured_again_for_a_new_key(fake_ke
     calls = len(clock.calls)
     choices_for("float32", shapes[:1], "cached", clock)
     assert len(clock.calls) > calls  # a new key: measured again, and added
-    assert len(_cache(empty_cache)) == 3
+    assert len(_cache(empty_cache)) == 4
     monkeypatch.setattr(torch, "get_num_threads", lambda: 97)
     choices_for("float32", shapes[:1], "cached", clock)
-    assert len(_cache(empty_cache)) == 4 and any("threads 97" in key for key in _cache(empty_cache))
+    assert len(_cache(empty_cache)) == 5 and any("threads 97" in key for key in _cache(empty_cache))
 
 
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"x": 1}', "\x00\xff"])
 def test_a_corrupt_cache_file_is_ignored_and_rewritten(fake_kernels, clock, empty_cache, content):
     (empty_cache / "kernels.json").write_text(content, errors="surrogateescape")
-    key = gpt2.tuning.cache_key("float32", (48, 32))
+    key = gpt2.tuning.cache_key("float32", (W, False))
     if content.startswith('{"x"'):
         (empty_cache / "kernels.json").write_text(json.dumps({key: {"decode": 3}}))  # an entry of the wrong type
-    assert choices_for("float32", [(48, 32)], "cached", clock)[(48, 32)].decode == ("b", "a")
+    assert choices_for("float32", [(W, False)], "cached", clock)[W, False].decode == ("b", "a")
     assert _cache(empty_cache)[key]["decode"] == ["b", "a"]
     assert not [p for p in empty_cache.iterdir() if p.name.startswith(".kernels-")]  # no temporary left
 
 
 def test_modes_tune_measures_again_and_default_measures_nothing(fake_kernels, clock, empty_cache):
-    choices_for("float32", [(48, 32)], "cached", clock)
+    choices_for("float32", [(W, False)], "cached", clock)
     calls = len(clock.calls)
-    choices_for("float32", [(48, 32)], "tune", clock)
+    choices_for("float32", [(W, False)], "tune", clock)
     assert len(clock.calls) > calls
     (empty_cache / "kernels.json").unlink()
-    assert choices_for("float32", [(48, 32)], "default", clock)[(48, 32)].decode == ("a", "b")  # list order
+    assert choices_for("float32", [(W, False)], "default", clock)[W, False].decode == ("a", "b")  # list order
     assert not (empty_cache / "kernels.json").exists()
 
 
