@@ -26,6 +26,7 @@ start, and must not pay for imports the other side does not need.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -479,6 +480,37 @@ def time_to_first_forward(directory: Path, runs: int, device: str) -> dict[str, 
             for kind, got in samples.items()}
 
 
+def time_loads(directory: Path, runs: int, device: str) -> dict[str, tuple[Stat, Stat]]:
+    """Per dtype (float32, bfloat16): seconds of `load_model(dir, device, dtype)` and of transformers'
+    `from_pretrained(dir, dtype=dtype).to(device)`, in this process, interleaved, after one untimed load
+    of each: the page cache warm and the kernel ranking cached, as from a user's second run on."""
+    import torch
+    import transformers
+
+    from gpt2.checkpoint import load_model
+
+    def from_pretrained(dtype: torch.dtype) -> nn.Module:
+        return transformers.GPT2LMHeadModel.from_pretrained(directory, dtype=dtype).to(device)
+
+    loads: dict[str, tuple[Stat, Stat]] = {}
+    for name in ("float32", "bfloat16"):
+        dtype = getattr(torch, name)
+        sides = {"ours": functools.partial(load_model, directory, device=device, dtype=dtype),
+                 "transformers": functools.partial(from_pretrained, dtype)}
+        seconds: dict[str, list[float]] = {kind: [] for kind in sides}
+        for round_ in range(runs + 1):
+            for kind, load in sides.items():
+                start = time.perf_counter()
+                model = load()
+                now(device)
+                if round_:
+                    seconds[kind].append(time.perf_counter() - start)
+                del model
+        loads[name] = (Stat(tuple(seconds["ours"])), Stat(tuple(seconds["transformers"])))
+        log(f"  {name}: ours {loads[name][0].median:.2f} s, transformers {loads[name][1].median:.2f} s")
+    return loads
+
+
 def time_cli(directory: Path, runs: int, device: str) -> tuple[dict[str, Stat], bool]:
     """Wall time of main.py and of the equivalent transformers script generating CLI_TOKENS tokens, and
     whether every run of both printed the same text (same seed, same sampling: they should)."""
@@ -926,6 +958,10 @@ def benchmark(args: argparse.Namespace, directory: Path, started: float) -> str:
         log("bench: llama.cpp (llama-bench; built and converted once, cached)")
         rows += llamacpp_rows(directory, rows, prefill, extra)
 
+    log("bench: loading, from the second load on")
+    for name, (mine, theirs) in time_loads(directory, args.runs, device).items():
+        rows.append(Row("load, s (lower is better)", f"{name}, load_model · from_pretrained, second load on",
+                        mine, theirs, 3))
     log("bench: process start to first forward (fresh processes)")
     fresh = time_to_first_forward(directory, args.runs, device)
     rows.append(Row("process start → end of first forward, s", "float32, load from the saved directory",
