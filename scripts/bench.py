@@ -843,6 +843,9 @@ def notes(args: argparse.Namespace, attention: str, extra: list[str], total_s: f
         "transformers `model(ids, use_cache=True, logits_to_keep=1)` (as in generate()). A "
         f"{PREFILL_WARMUP_TOKENS}-token warm-up per side is excluded; the prompt is {PREFILL_TOKENS} tokens "
         f"unless a side's warm-up rate says a run would exceed {args.max_run_seconds:g} s (Setting column).",
+        "Load: seconds of `load_model(dir, device, dtype)` and of `GPT2LMHeadModel.from_pretrained(dir, "
+        "dtype=dtype).to(device)` in this process, interleaved, after one untimed load of each (page cache warm, "
+        "kernel ranking cached: a user's second run on).",
         "Process start to first forward: parent's time.time() just before spawning a fresh Python, to the end "
         f"of one {PROMPT_TOKENS}-token forward after `load_model(dir)` / `GPT2LMHeadModel.from_pretrained(dir)` "
         "(float32); peak RSS = the child's VmHWM from /proc/self/status (ru_maxrss would carry the parent's "
