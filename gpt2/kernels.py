@@ -197,10 +197,10 @@ def _in(dtype: torch.dtype) -> Callable[[Callable[..., Tensor]], Callable[[Tenso
 def _float16_build(weight: Tensor, bias: Tensor | None, _: Tensor | None) -> Stored | None:
     """FBGEMM's packed float16 weight, where every value is within float16's range. A bfloat16 value of
     magnitude 2**-14 to 65504 is exactly a float16 one; below that float16 rounds it by at most 3e-8."""
-    low, high = torch.aminmax(weight.detach())  # one pass, no temporary the size of the weight
+    weight = weight.detach().float().contiguous()  # (out, in): FBGEMM packs from this layout
+    low, high = torch.aminmax(weight)  # one pass, no temporary the size of the weight
     if float(low) < -FLOAT16_MAX or float(high) > FLOAT16_MAX:
         return None
-    weight = weight.detach().float().contiguous()  # (out, in)
     return (torch.ops.quantized.linear_prepack_fp16(weight, _cast(bias, torch.float32)),)
 
 
