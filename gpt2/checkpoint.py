@@ -53,15 +53,23 @@ def find_weight_file(path: Path) -> Path:
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
-def _private_map(path: Path, offset: int, length: int) -> tuple[mmap.mmap, int]:
+def _private_map(path: Path, offset: int, length: int) -> tuple[mmap.mmap | bytearray, int]:
     """`length` bytes of the file from `offset`, mapped copy-on-write, and where they start in the map (maps
     start on an allocation boundary). The pages are the page cache's own, so nothing is copied or
-    zero-filled; a write through the map goes to a private copy, never to the file. ValueError where the
-    file ends before offset + length."""
+    zero-filled; a write through the map goes to a private copy, never to the file. Where the file system
+    cannot map files, the bytes are read into memory instead. ValueError where the file ends before
+    offset + length."""
     aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
-    with path.open("rb") as f:  # ACCESS_COPY: MAP_PRIVATE, faulted in as read (MAP_POPULATE would copy)
-        view = mmap.mmap(f.fileno(), offset + length - aligned, access=mmap.ACCESS_COPY, offset=aligned)
-    return view, offset - aligned
+    with path.open("rb") as f:
+        try:  # ACCESS_COPY: MAP_PRIVATE, faulted in as read (MAP_POPULATE would copy every page)
+            return mmap.mmap(f.fileno(), offset + length - aligned, access=mmap.ACCESS_COPY, offset=aligned), \
+                offset - aligned
+        except OSError:
+            f.seek(offset)
+            data = bytearray(length)
+            if f.readinto(data) != length:
+                raise ValueError(f"{path} ends before byte {offset + length}") from None
+            return data, 0
 
 
 class SafetensorsFile(Mapping[str, Tensor]):
