@@ -63,6 +63,13 @@ VOCAB = 50257
 TINY_EMBD, TINY_CTX = 32, 64
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto` (pyproject's addopts): one worker per core this process may run on, at most 4, since every
+    worker builds its own 124M models (a few GiB)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, 4))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def kernel_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """load_model's kernel rankings (gpt2.tuning) measured once per session into a fresh cache directory,
