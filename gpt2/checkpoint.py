@@ -253,8 +253,10 @@ def convert_state_dict(state: Mapping[str, Tensor], expected: Mapping[str, torch
             continue
         if not _all_finite(stored):  # as stored: a reduction over a transposed view is many times slower
             raise GPT2Error(f"{source}: tensor {key} holds NaN or infinite values; the checkpoint is damaged")
-        out[name] = _dense(tensor, dtype or tensor.dtype) if transpose or not conv1d \
-            else _dense(stored, dtype or stored.dtype).t()
+        if conv1d and not transpose:  # cast as stored (in, out), seen as (out, in)
+            out[name] = _dense(stored, dtype or stored.dtype).t()
+        else:
+            out[name] = _dense(tensor, dtype or tensor.dtype)
     missing = sorted(set(expected) - seen)
     problems = [f"{label}: {_listing(items)}" for label, items in
                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)) if items]
