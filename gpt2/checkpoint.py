@@ -15,6 +15,7 @@ import re
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -22,6 +23,9 @@ from torch import Tensor
 from gpt2.config import GPT2Config, n_head_for
 from gpt2.errors import GPT2Error
 from gpt2.model import GPT2LMHeadModel
+
+if TYPE_CHECKING:
+    from gpt2.prepared import Prepared
 
 # Looked for, in this order, when a directory is given.
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "gpt2-pytorch_model.bin")
@@ -93,7 +97,7 @@ class SafetensorsFile(Mapping[str, Tensor]):
         with path.open("rb") as f:
             size = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(size))
-        header.pop("__metadata__", None)
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self._data_start = 8 + size
         self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for key, entry in header.items():
@@ -229,14 +233,20 @@ def _checked_against(declared: GPT2Config, sizes: dict[str, int], config_file: P
 
 def convert_state_dict(state: Mapping[str, Tensor], expected: Mapping[str, torch.Size],
                        dtype: torch.dtype | None = None, source: str = "checkpoint",
-                       transpose: bool = True) -> dict[str, Tensor]:
+                       transpose: bool = True, prepared: Prepared | None = None) -> dict[str, Tensor]:
     """Rename, transpose Conv1D weights and cast; raise naming any missing, unexpected or mis-shaped key.
 
     With `transpose=False` a Conv1D weight keeps its stored (in, out) layout and is given as its transposed
     view (out, in): the CPU kernels' forms (gpt2.kernels) lay each weight out as their kernel reads it, and
-    for some that is the stored layout, which then is never copied."""
+    for some that is the stored layout, which then is never copied.
+
+    With `prepared` (gpt2.prepared) the copies a cast or layout needs come from there where it has them,
+    and those made here are handed to it. Where its file is valid (made from this very checkpoint, which
+    was checked then), nothing is checked for NaN, and a Conv1D weight whose projection's form it holds
+    is given as stored: its form is built from it only if the kernel ranking changed since."""
     out: dict[str, Tensor] = {}
     unexpected, misshaped, seen = [], [], set()
+    checked = prepared is not None and prepared.valid
     for key in state:
         name = canonical_key(key)
         if name is None:
@@ -251,12 +261,20 @@ def convert_state_dict(state: Mapping[str, Tensor], expected: Mapping[str, torch
         if tensor.shape != expected[name]:
             misshaped.append(f"{key} {tuple(tensor.shape)} (expected {tuple(expected[name])})")
             continue
-        if not _all_finite(stored):  # as stored: a reduction over a transposed view is many times slower
+        if prepared is not None and (kept := prepared.state_tensor(name)) is not None:
+            out[name] = kept
+            continue
+        if checked and conv1d and not transpose and prepared.has_form(name.removesuffix(".weight")):
+            out[name] = tensor
+            continue
+        if not checked and not _all_finite(stored):  # as stored: a reduction over a transposed view is slower
             raise GPT2Error(f"{source}: tensor {key} holds NaN or infinite values; the checkpoint is damaged")
         if conv1d and not transpose:  # cast as stored (in, out), seen as (out, in)
             out[name] = _dense(stored, dtype or stored.dtype).t()
         else:
             out[name] = _dense(tensor, dtype or tensor.dtype)
+        if prepared is not None and out[name].data_ptr() != stored.data_ptr():
+            prepared.converted(name, out[name], keep=not conv1d)
     missing = sorted(set(expected) - seen)
     problems = [f"{label}: {_listing(items)}" for label, items in
                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)) if items]
@@ -304,15 +322,27 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         model = GPT2LMHeadModel(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     on_cpu = torch.device(device).type == "cpu"
-    weights = convert_state_dict(state, expected, dtype, source=str(weight_file), transpose=not on_cpu)
+    precision = "int8" if int8 else str(dtype).removeprefix("torch.")
+    prepared = None
+    if on_cpu:
+        from gpt2.prepared import PRECISIONS, Prepared
+        from gpt2.tuning import kernels_mode
+
+        kernels = kernels_mode(kernels)
+        if precision in PRECISIONS and kernels != "default":
+            prepared = Prepared(weight_file, precision)
+    weights = convert_state_dict(state, expected, dtype, source=str(weight_file), transpose=not on_cpu,
+                                 prepared=prepared)
     del state
     model.load_state_dict(weights, strict=True, assign=True)
     del weights
     model.eval()
     if on_cpu:
-        from gpt2.tuning import kernels_mode, use_cpu_kernels
+        from gpt2.tuning import use_cpu_kernels
 
-        use_cpu_kernels(model, "int8" if int8 else str(dtype).removeprefix("torch."), kernels_mode(kernels))
+        use_cpu_kernels(model, precision, kernels, prepared)
+        if prepared is not None:
+            prepared.save()
         return model
     if int8:
         from gpt2.quantize import quantize_int8

@@ -150,6 +150,9 @@ class Form:
     build: Callable[[Tensor, Tensor | None, Tensor | None], Stored | None]
     unpack: Callable[[Stored], tuple[Tensor, Tensor | None]]
     value_bytes: int  # bytes a weight value takes in this form
+    # Whether the stored form is plain tensors that gpt2.prepared can keep on disk for later loads (whose
+    # build then costs nothing from the second load on); packed forms are opaque and built on every load.
+    plain: bool = False
 
 
 @dataclass(frozen=True)
@@ -164,13 +167,13 @@ class Kernel:
 def _dense_form(dtype: torch.dtype) -> Form:
     return Form(f"{_short(dtype)} dense", lambda: True,
                 lambda w, b, _: (w.detach().to(dtype).contiguous(), _cast(b, dtype)), lambda s: (s[0], s[1]),
-                dtype.itemsize)
+                dtype.itemsize, plain=True)
 
 
 def _transposed_form(dtype: torch.dtype) -> Form:
     return Form(f"{_short(dtype)} (in, out)", lambda: True,
                 lambda w, b, _: (w.detach().to(dtype).t().contiguous(), _cast(b, dtype)), lambda s: (s[0].t(), s[1]),
-                dtype.itemsize)
+                dtype.itemsize, plain=True)
 
 
 def _onednn_packed_form(dtype: torch.dtype) -> Form:
@@ -216,6 +219,7 @@ def float_kernels(dtype: torch.dtype) -> list[Kernel]:
     without measuring first. 16-bit ones other than FBGEMM round x to 16 bits inside the product only."""
     dense, packed = _dense_form(dtype), _onednn_packed_form(dtype)
     kernels = [Kernel(f"{_short(dtype)} F.linear", dense, _in(dtype)(F.linear)),
+               Kernel(f"{_short(dtype)} mv", dense, _in(dtype)(_matvec)),
                Kernel(f"{_short(dtype)} oneDNN", dense, _in(dtype)(linear)),
                Kernel(f"{_short(dtype)} oneDNN packed", packed, _in(dtype)(linear))]
     if dtype == torch.float32:  # and transformers' own product, on the Conv1D layout
@@ -223,6 +227,15 @@ def float_kernels(dtype: torch.dtype) -> list[Kernel]:
     # First (the choice without measuring): float32 activations, the weights widened in registers.
     return [Kernel("float16 FBGEMM", FLOAT16_FBGEMM, lambda x, s: torch.ops.quantized.linear_dynamic_fp16(x, s[0])),
             *kernels]
+
+
+def _matvec(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """One row by torch.mv (its own matrix-vector kernel, which on some CPUs reads 16-bit weights faster
+    than the matrix products do), more by F.linear."""
+    if x.size(0) != 1:
+        return F.linear(x, weight, bias)
+    y = torch.mv(weight, x[0]).unsqueeze(0)  # (1, out)
+    return y if bias is None else y.add_(bias)
 
 
 def _addmm(x: Tensor, stored: Stored) -> Tensor:

@@ -6,9 +6,9 @@ and VNNI FBGEMM's dynamic int8; without them FBGEMM's float16 weights and torch'
 so no fixed choice is right everywhere. The file is keyed by CPU model, thread count, torch version, precision
 and the weight's shape and layout: any change measures again. A decode step multiplies 1 to 8 rows, a
 prompt hundreds: the form a weight is stored in is the one of the fastest decode kernel (decoding
-dominates generation), and prefill takes the fastest kernel that reads that same form. Building a form
-at load (a transpose, a cast, packing) is time too, paid on every load: it is spread over LOAD_STEPS
-decode steps in the ranking.
+dominates generation), and prefill takes the fastest kernel that reads that same form. Building a packed
+form at load is time too, paid on every load: it is spread over LOAD_STEPS decode steps in the ranking.
+A plain form (a transposed copy, a cast) costs nothing there: gpt2.prepared keeps it for later loads.
 
 Modes (load_model's `kernels=`, else the environment variable GPT2_PYTORCH_KERNELS, read only):
 "cached" (the default) uses the file and measures what it lacks; "tune" measures everything again;
@@ -17,6 +17,7 @@ Modes (load_model's `kernels=`, else the environment variable GPT2_PYTORCH_KERNE
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -27,13 +28,17 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from gpt2.errors import GPT2Error
 from gpt2.heap import return_free_memory
-from gpt2.kernels import Kernel, Linear, Projection, kernels_for
+from gpt2.kernels import Form, Kernel, Linear, Projection, Stored, kernels_for
+
+if TYPE_CHECKING:
+    from gpt2.prepared import Prepared
 
 MODES = ("cached", "tune", "default")
 MODE_VARIABLE = "GPT2_PYTORCH_KERNELS"
@@ -198,7 +203,7 @@ def measure(kernels: list[Kernel], shape: tuple[int, int], tolerance: float,
                                      for rows in DECODE_TIMING_ROWS[1:])
         else:
             decode_time[name] *= len(DECODE_TIMING_ROWS)  # after every kernel timed at all row counts
-    cost = {name: seconds / len(DECODE_TIMING_ROWS) + build_time[by_name[name].form.name] / LOAD_STEPS
+    cost = {name: seconds / len(DECODE_TIMING_ROWS) + load_cost(by_name[name].form, build_time)
             for name, seconds in decode_time.items()}
     ranking = tuple(sorted(cost, key=cost.get))
     prefill = {}
@@ -211,6 +216,12 @@ def measure(kernels: list[Kernel], shape: tuple[int, int], tolerance: float,
             times = {k.name: _fastest_call(k, stored[form], inputs[PREFILL_TIMING_ROWS], clock) for k in candidates}
             prefill[form] = min(times, key=times.get)
     return Choice(ranking, prefill)
+
+
+def load_cost(form: Form, build_time: dict[str, float]) -> float:
+    """A form's build time per decode step: spread over LOAD_STEPS, as each load builds it again; nothing
+    for a plain form, which gpt2.prepared keeps for later loads."""
+    return 0.0 if form.plain else build_time[form.name] / LOAD_STEPS
 
 
 def default_choice(kernels: list[Kernel]) -> Choice:
@@ -256,14 +267,18 @@ def choices_for(precision: str, layouts: Iterable[Layout], mode: str,
 
 
 def projection(weight: Tensor, bias: Tensor | None, choice: Choice, kernels: list[Kernel], dtype: torch.dtype,
-               inputs: Tensor | None = None, tied: bool = False) -> Projection:
+               inputs: Tensor | None = None, tied: bool = False,
+               prepared: Callable[[Form], Stored | None] | None = None) -> Projection:
     """The Projection of the first kernel in `choice`'s decode ranking whose form holds this weight, with
-    its form's prefill kernel; kernels missing from the ranking (never measured) come after it."""
+    its form's prefill kernel; kernels missing from the ranking (never measured) come after it. A form
+    `prepared` gives (gpt2.prepared, kept from an earlier load) is taken instead of built."""
     by_name = {k.name: k for k in kernels}
     ranked = [by_name[name] for name in choice.decode if name in by_name]
     ranked += [k for k in kernels if k not in ranked]
     for kernel in ranked:
-        stored = kernel.form.build(weight, bias, inputs)
+        stored = prepared(kernel.form) if prepared else None
+        if stored is None:
+            stored = kernel.form.build(weight, bias, inputs)
         if stored is not None:
             prefill = by_name.get(choice.prefill.get(kernel.form.name, kernel.name), kernel)
             if prefill.form.name != kernel.form.name:
@@ -285,13 +300,15 @@ def projection_places(model: nn.Module) -> list[tuple[nn.Module, str]]:
             if isinstance(child, Linear)]
 
 
-def use_cpu_kernels(model: nn.Module, precision: str, mode: str | None = None) -> None:
+def use_cpu_kernels(model: nn.Module, precision: str, mode: str | None = None,
+                    prepared: Prepared | None = None) -> None:
     """Give a CPU model's block projections and LM head their chosen kernels (Projection), in place; its
     other weights (layer norms, position table) become float32, the activations' dtype. The token table
     stays as loaded, for lookups; the head reads its own copy where its form is not the table itself.
 
     `precision` is the loaded dtype's name or "int8" (int8 weights, after a calibration run: see
-    gpt2.quantize). In mode "cached" the first load on a machine measures for at most a few seconds."""
+    gpt2.quantize). In mode "cached" the first load on a machine measures for at most a few seconds.
+    `prepared` (gpt2.prepared) gives the forms an earlier load kept, and keeps those built now."""
     mode = kernels_mode(mode)
     places = projection_places(model)
     wte = model.transformer.wte.weight
@@ -306,19 +323,28 @@ def use_cpu_kernels(model: nn.Module, precision: str, mode: str | None = None) -
         calibration, head_kernels = calibrate(model), for_the_head(kernels)
     inputs = calibration.inputs if calibration else {}
 
+    names = {id(module): name for name, module in model.named_modules()}
+
+    def give(name: str, weight: Tensor, bias: Tensor | None, kernels: list[Kernel], inputs: Tensor | None,
+             tied: bool = False) -> Projection:
+        kept = functools.partial(prepared.form, name, weight=weight, bias=bias) if prepared else None
+        new = projection(weight, bias, choices[layout_of(weight)], kernels, dtype, inputs, tied, kept)
+        if prepared:
+            prepared.keep_form(name, new, weight, bias, prepared.same_next_time(name + ".weight"))
+        return new
+
     def replace(place: tuple[nn.Module, str]) -> None:  # the original weight goes once its form is built
-        parent, name = place
-        old = getattr(parent, name)
-        new = projection(old.weight, old.bias, choices[layout_of(old.weight)], kernels, dtype, inputs.get(id(old)))
+        parent, attribute = place
+        old = getattr(parent, attribute)
+        new = give(names[id(old)], old.weight, old.bias, kernels, inputs.get(id(old)))
         if calibration and quantizes_activations(new):
             dynamic[place] = old  # kept until the whole model is checked
-        setattr(parent, name, new)
+        setattr(parent, attribute, new)
 
     # Packing runs on one thread per weight (FBGEMM's) and lets go of the GIL: one packer per thread.
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
         list(pool.map(replace, places))
-    model.lm_head = projection(wte, None, choices[layout_of(wte)], head_kernels, dtype,
-                               inputs.get(id(model.transformer.ln_f)), tied=True)
+    model.lm_head = give("lm_head", wte, None, head_kernels, inputs.get(id(model.transformer.ln_f)), tied=True)
     for module in model.modules():
         if isinstance(module, nn.LayerNorm) or module is model.transformer.wpe:
             module.float()

@@ -82,10 +82,10 @@ def test_measure_screens_out_slow_failing_and_inexact_kernels(clock):
     assert clock.calls.count(("ten times slower", eight)) == 1 < clock.calls.count(("fast", eight))  # not timed
 
 
-def test_measure_counts_a_forms_build_spread_over_the_steps_of_a_load(clock):
-    """A kernel a little faster per step loses to one whose form is free to build, where its own form's
-    build at load costs more than it saves over LOAD_STEPS steps; the form is built from the weight laid
-    out as the loader gives it."""
+def test_measure_counts_a_packed_forms_build_spread_over_the_steps_of_a_load(clock):
+    """A kernel a little faster per step loses to one whose form is free to build, where its own packed
+    form's build at load costs more than it saves over LOAD_STEPS steps; the form is built from the weight
+    laid out as the loader gives it. A plain form's build is free (gpt2.prepared keeps it)."""
     seen: list[bool] = []
 
     def slow_build(weight, bias, inputs):
@@ -93,7 +93,7 @@ def test_measure_counts_a_forms_build_spread_over_the_steps_of_a_load(clock):
         clock.now += 0.5 * LOAD_STEPS  # half a second a step, spread over a load
         return DENSE.build(weight, bias, inputs)
 
-    slow = dataclasses.replace(DENSE, name="slow to build", build=slow_build)
+    slow = dataclasses.replace(DENSE, name="slow to build", build=slow_build, plain=False)
     kernels = [fake_kernel(clock, "fast, slow to build", costs(1, 1, 1), form=slow),
                fake_kernel(clock, "a little slower", costs(1.2, 1.2, 1), form=TRANSPOSED)]
     assert measure(kernels, W, 1e-5, clock).decode == ("a little slower", "fast, slow to build")
@@ -102,6 +102,8 @@ def test_measure_counts_a_forms_build_spread_over_the_steps_of_a_load(clock):
     clock.now = 0.0
     kernels[0] = fake_kernel(clock, "much faster", costs(0.1, 0.1, 1), form=slow)
     assert measure(kernels, W, 1e-5, clock).decode[0] == "much faster"
+    kernels[0] = fake_kernel(clock, "fast, kept", costs(1, 1, 1), form=dataclasses.replace(slow, plain=True))
+    assert measure(kernels, W, 1e-5, clock).decode[0] == "fast, kept"
 
 
 @pytest.fixture

@@ -1,0 +1,162 @@
+"""Prepared weights: what a CPU load had to build from a checkpoint (casts, transposed copies, the kernels'
+plain forms), kept in the cache so that later loads of the same checkpoint map it from disk instead.
+
+One safetensors file per checkpoint and precision, `<cache>/prepared/<hash>.safetensors`. It holds only
+what differs from the checkpoint's own tensors: a tensor a load uses as stored is mapped from the
+checkpoint every time, and a form that is its weight or bias itself is recorded as such. Its metadata
+names the checkpoint (resolved path, size, modification time, inode), this file format and the torch
+version; when any differs the file is ignored and written again. A load that uses it skips the
+checkpoint's finite check, which passed when the file was written. Forms that are not plain tensors
+(oneDNN's and FBGEMM's packed weights) cannot be kept: each load builds them again, which the kernel
+ranking counts (gpt2.tuning).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from gpt2.kernels import Form, Projection, Stored
+
+FORMAT = "1"
+PRECISIONS = ("float32", "bfloat16", "float16")  # int8 forms depend on a calibration run: built on every load
+
+
+def identity(weight_file: Path) -> str:
+    """What the prepared file was built from: the checkpoint as it is on disk, this format, torch."""
+    stat = weight_file.stat()
+    return json.dumps([str(weight_file.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, FORMAT,
+                       torch.__version__])
+
+
+def prepared_file(weight_file: Path, precision: str) -> Path:
+    from gpt2.download import cache_root
+
+    digest = hashlib.sha256(f"{weight_file.resolve()}\n{precision}".encode()).hexdigest()[:24]
+    return cache_root() / "prepared" / f"{digest}.safetensors"
+
+
+class Prepared:
+    """The prepared tensors of one checkpoint in one precision: those read from the cache file (valid
+    when its identity matched), and those this load built, to be saved (`save`)."""
+
+    def __init__(self, weight_file: Path, precision: str) -> None:
+        from gpt2.checkpoint import SafetensorsFile
+
+        self.path = prepared_file(weight_file, precision)
+        self.identity = identity(weight_file)
+        self.valid = False
+        self._tensors: dict[str, Tensor] = {}
+        self._forms: dict[str, dict] = {}  # projection name -> {"form": name, "parts": [...]}
+        self._changed = True  # until a valid file is read: even one with no tensors vouches for the check
+        self._copied: set[str] = set()
+        try:
+            stored = SafetensorsFile(self.path)
+            meta = stored.metadata
+            if meta.get("identity") == self.identity:
+                self._forms = json.loads(meta["forms"])
+                self._tensors = {key: stored[key] for key in stored}
+                self.valid, self._changed = True, False
+        except Exception:  # noqa: BLE001 -- missing, unreadable or corrupt: built again and rewritten
+            self._tensors, self._forms = {}, {}
+
+    # the converted state dict
+
+    def state_tensor(self, name: str) -> Tensor | None:
+        """The converted tensor `name` (cast or laid out as the load needs it), where this file has it."""
+        return self._tensors.get("state:" + name)
+
+    def converted(self, name: str, tensor: Tensor, keep: bool) -> None:
+        """A tensor the conversion had to copy: kept with `keep` (a weight whose form is what the load
+        keeps is not), else noted as not the checkpoint's own."""
+        if keep:
+            self._tensors["state:" + name] = tensor
+            self._changed = True
+        else:
+            self._copied.add(name)
+
+    def same_next_time(self, name: str) -> bool:
+        """Whether the next load gives the weight `name` as this one did: the checkpoint's own tensor, or a
+        converted one this file keeps."""
+        return name not in self._copied
+
+    # the projections' forms
+
+    def has_form(self, name: str) -> bool:
+        return name in self._forms
+
+    def form(self, name: str, form: Form, weight: Tensor, bias: Tensor | None) -> Stored | None:
+        """The stored form of projection `name` if this file has it in `form`, else None. `weight` and `bias`
+        are the load's own, which a form made of them refers to."""
+        entry = self._forms.get(name)
+        if entry is None or entry["form"] != form.name:
+            return None
+        parts = []
+        for index, (kind, transposed) in enumerate(entry["parts"]):
+            part = {"weight": weight, "bias": bias}.get(kind)
+            part = None if part is None else part.detach()  # not the module's parameter: its data
+            if kind == "file":
+                part = self._tensors[f"form:{name}:{index}"]
+            elif part is not None and transposed:
+                part = part.t()
+            parts.append(part)
+        return tuple(parts)
+
+    def keep_form(self, name: str, projection: Projection, weight: Tensor, bias: Tensor | None,
+                  same_next_time: bool) -> None:
+        """Keep projection `name`'s form if it is plain tensors. A part that is the bias's own memory, or the
+        weight's where the next load gives the same weight (`same_next_time`), is recorded as such (the bias
+        always comes as stored or from this file)."""
+        form = projection.decode.form
+        entry = self._forms.get(name)
+        if entry is not None and entry["form"] == form.name:
+            return
+        if not form.plain:
+            self._forms.pop(name, None)
+            self._changed |= entry is not None
+            return
+        parts = []
+        for index, part in enumerate(projection.stored):
+            if part is None:
+                parts.append(("none", False))
+                continue
+            source = next((kind for kind, tensor, same in (("weight", weight, same_next_time), ("bias", bias, True))
+                           if same and tensor is not None and part.data_ptr() == tensor.data_ptr()
+                           and part.dtype == tensor.dtype), None)
+            if source is not None:
+                parts.append((source, part.stride() != (weight if source == "weight" else bias).stride()))
+            else:
+                parts.append(("file", False))
+                self._tensors[f"form:{name}:{index}"] = part
+        self._forms[name] = {"form": form.name, "parts": parts}
+        self._changed = True
+
+    def save(self) -> None:
+        """Write the file if this load built anything new: atomically (a reader sees the old file or the new
+        one); where it cannot be written, later loads build again."""
+        if not self._changed:
+            return
+        from safetensors.torch import save_file
+
+        tensors = {key: tensor.contiguous() for key, tensor in self._tensors.items()
+                   if not key.startswith("form:") or key.split(":")[1] in self._forms}
+        metadata = {"identity": self.identity, "forms": json.dumps(self._forms)}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".prepared-", suffix=".safetensors")
+            os.close(fd)
+            try:
+                save_file(tensors, tmp, metadata=metadata)
+                os.replace(tmp, self.path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        except OSError:
+            pass
+        self._changed = False

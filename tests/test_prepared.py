@@ -1,0 +1,106 @@
+"""Prepared weights (gpt2.prepared): what a CPU load builds is kept in the cache and mapped by later loads of
+the same checkpoint, which then skip the finite check; a changed checkpoint or a corrupt file is built again."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config, tiny_legacy_state
+from safetensors.torch import save_file
+
+import gpt2.checkpoint
+from gpt2.checkpoint import SafetensorsFile, load_model
+from gpt2.errors import GPT2Error
+from gpt2.kernels import Projection
+from gpt2.prepared import Prepared, identity, prepared_file
+
+IDS = torch.tensor([[464, 2068, 7586, 21831, 18045, 625, 262]])
+
+
+def write_checkpoint(directory: Path, seed: int = 0, poison: bool = False) -> Path:
+    """The tiny model as model.safetensors (graykode's key names, Conv1D layout) with its config.json."""
+    state = tiny_legacy_state(seed=seed, mask_buffers=False)
+    if poison:
+        state["h.0.mlp.c_fc.weight"][3, 5] = float("nan")
+    directory.mkdir(exist_ok=True)
+    save_file(state, directory / "model.safetensors")
+    (directory / "config.json").write_text(json.dumps(tiny_config()))
+    return directory / "model.safetensors"
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS)
+
+
+def refuse_finite_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(tensor):
+        raise AssertionError("the finite check ran")
+
+    monkeypatch.setattr(gpt2.checkpoint, "_all_finite", refused)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_second_load_maps_what_the_first_built(tmp_path, monkeypatch, dtype):
+    weights = write_checkpoint(tmp_path / "model")
+    first = load_model(tmp_path / "model", dtype=dtype)
+    precision = str(dtype).removeprefix("torch.")
+    path = prepared_file(weights, precision)
+    assert SafetensorsFile(path).metadata["identity"] == identity(weights)
+
+    refuse_finite_check(monkeypatch)
+    taken: list[str] = []
+    form = Prepared.form
+
+    def spy(self, name, *args, **kwargs):
+        stored = form(self, name, *args, **kwargs)
+        if stored is not None:
+            taken.append(name)
+        return stored
+
+    monkeypatch.setattr(Prepared, "form", spy)
+    second = load_model(tmp_path / "model", dtype=dtype)
+    assert torch.equal(logits(second), logits(first))
+    assert second.kernel_choices() == first.kernel_choices()
+    plain = sorted(name for name, module in second.named_modules()
+                   if isinstance(module, Projection) and module.decode.form.plain)
+    assert sorted(taken) == plain  # every plain form mapped, none built
+    assert second.transformer.wte.weight.dtype == dtype
+
+
+def test_a_changed_checkpoint_is_checked_and_read_again(tmp_path):
+    weights = write_checkpoint(tmp_path / "model")
+    load_model(tmp_path / "model")
+    before = weights.stat()
+    write_checkpoint(tmp_path / "model", poison=True)  # same size
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000))
+    with pytest.raises(GPT2Error, match="NaN or infinite values"):
+        load_model(tmp_path / "model")
+
+    write_checkpoint(tmp_path / "model", seed=1)
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns + 2_000_000))
+    reloaded = load_model(tmp_path / "model")
+    assert torch.equal(reloaded.transformer.wte.weight, tiny_legacy_state(seed=1)["wte.weight"])
+    assert torch.equal(logits(reloaded), logits(load_model(tmp_path / "model", kernels="default")))
+
+
+def test_a_corrupt_prepared_file_is_ignored_and_rewritten(tmp_path, monkeypatch):
+    weights = write_checkpoint(tmp_path / "model")
+    expected = logits(load_model(tmp_path / "model", dtype=torch.bfloat16))
+    path = prepared_file(weights, "bfloat16")
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    assert torch.equal(logits(load_model(tmp_path / "model", dtype=torch.bfloat16)), expected)
+    assert SafetensorsFile(path).metadata["identity"] == identity(weights)
+    refuse_finite_check(monkeypatch)
+    assert torch.equal(logits(load_model(tmp_path / "model", dtype=torch.bfloat16)), expected)
+
+
+def test_default_kernels_and_int8_keep_no_prepared_file(tmp_path):
+    weights = write_checkpoint(tmp_path / "model")
+    load_model(tmp_path / "model", kernels="default")
+    load_model(tmp_path / "model", dtype=torch.bfloat16, int8=True)
+    assert not any(prepared_file(weights, p).exists() for p in ("float32", "bfloat16", "int8"))
