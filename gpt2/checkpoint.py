@@ -266,6 +266,7 @@ def convert_state_dict(state: Mapping[str, Tensor], expected: Mapping[str, torch
             continue
         if checked and conv1d and not transpose and prepared.has_form(name.removesuffix(".weight")):
             out[name] = tensor
+            prepared.given_as_stored(name)
             continue
         if not checked and not _all_finite(stored):  # as stored: a reduction over a transposed view is slower
             raise GPT2Error(f"{source}: tensor {key} holds NaN or infinite values; the checkpoint is damaged")

@@ -8,7 +8,7 @@ names the checkpoint (resolved path, size, modification time, inode), this file 
 version; when any differs the file is ignored and written again. A load that uses it skips the
 checkpoint's finite check, which passed when the file was written. Forms that are not plain tensors
 (oneDNN's and FBGEMM's packed weights) cannot be kept: each load builds them again, which the kernel
-ranking counts (gpt2.tuning).
+ranking counts (gpt2.tuning), from their input kept here (the weight as the load cast it).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import Tensor
 
 from gpt2.kernels import Form, Projection, Stored
 
-FORMAT = "1"
+FORMAT = "2"
 PRECISIONS = ("float32", "bfloat16", "float16")  # int8 forms depend on a calibration run: built on every load
 
 
@@ -56,30 +56,44 @@ class Prepared:
         self._forms: dict[str, dict] = {}  # projection name -> {"form": name, "parts": [...]}
         self._changed = True  # until a valid file is read: even one with no tensors vouches for the check
         self._copied: set[str] = set()
+        self._transposed: set[str] = set()  # state tensors kept as their transpose (a Conv1D (in, out))
         try:
             stored = SafetensorsFile(self.path)
             meta = stored.metadata
             if meta.get("identity") == self.identity:
                 self._forms = json.loads(meta["forms"])
+                self._transposed = set(json.loads(meta["transposed"]))
                 self._tensors = {key: stored[key] for key in stored}
                 self.valid, self._changed = True, False
         except Exception:  # noqa: BLE001 -- missing, unreadable or corrupt: built again and rewritten
-            self._tensors, self._forms = {}, {}
+            self._tensors, self._forms, self._transposed = {}, {}, set()
 
     # the converted state dict
 
     def state_tensor(self, name: str) -> Tensor | None:
         """The converted tensor `name` (cast or laid out as the load needs it), where this file has it."""
-        return self._tensors.get("state:" + name)
+        tensor = self._tensors.get("state:" + name)
+        return tensor.t() if tensor is not None and name in self._transposed else tensor
 
     def converted(self, name: str, tensor: Tensor, keep: bool) -> None:
         """A tensor the conversion had to copy: kept with `keep` (a weight whose form is what the load
         keeps is not), else noted as not the checkpoint's own."""
         if keep:
-            self._tensors["state:" + name] = tensor
-            self._changed = True
+            self._keep(name, tensor)
         else:
             self._copied.add(name)
+
+    def _keep(self, name: str, tensor: Tensor) -> None:
+        tensor = tensor.detach()
+        if not tensor.is_contiguous() and tensor.t().is_contiguous():  # a Conv1D weight seen as (out, in)
+            tensor = tensor.t()
+            self._transposed.add(name)
+        self._tensors["state:" + name] = tensor
+        self._changed = True
+
+    def given_as_stored(self, name: str) -> None:
+        """A weight given uncast because this file holds its form (which the ranking may no longer pick)."""
+        self._copied.add(name)
 
     def same_next_time(self, name: str) -> bool:
         """Whether the next load gives the weight `name` as this one did: the checkpoint's own tensor, or a
@@ -112,14 +126,18 @@ class Prepared:
                   same_next_time: bool) -> None:
         """Keep projection `name`'s form if it is plain tensors. A part that is the bias's own memory, or the
         weight's where the next load gives the same weight (`same_next_time`), is recorded as such (the bias
-        always comes as stored or from this file)."""
+        always comes as stored or from this file). A packed form is built again by every load: what is kept
+        then is its input, the weight as this load cast it (where it did)."""
         form = projection.decode.form
         entry = self._forms.get(name)
         if entry is not None and entry["form"] == form.name:
             return
         if not form.plain:
-            self._forms.pop(name, None)
-            self._changed |= entry is not None
+            if entry is not None:
+                del self._forms[name]
+                self._changed = True
+            if not same_next_time:
+                self._keep(name + ".weight", weight.to(projection.dtype))
             return
         parts = []
         for index, part in enumerate(projection.stored):
@@ -146,7 +164,8 @@ class Prepared:
 
         tensors = {key: tensor.contiguous() for key, tensor in self._tensors.items()
                    if not key.startswith("form:") or key.split(":")[1] in self._forms}
-        metadata = {"identity": self.identity, "forms": json.dumps(self._forms)}
+        metadata = {"identity": self.identity, "forms": json.dumps(self._forms),
+                    "transposed": json.dumps(sorted(self._transposed))}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".prepared-", suffix=".safetensors")

@@ -7,8 +7,9 @@ so no fixed choice is right everywhere. The file is keyed by CPU model, thread c
 and the weight's shape and layout: any change measures again. A decode step multiplies 1 to 8 rows, a
 prompt hundreds: the form a weight is stored in is the one of the fastest decode kernel (decoding
 dominates generation), and prefill takes the fastest kernel that reads that same form. Building a packed
-form at load is time too, paid on every load: it is spread over LOAD_STEPS decode steps in the ranking.
-A plain form (a transposed copy, a cast) costs nothing there: gpt2.prepared keeps it for later loads.
+form at load is time too, paid on every load: it is spread over LOAD_STEPS decode steps in the ranking,
+and a packed form must also win by REBUILT_MARGIN. A plain form (a transposed copy, a cast) costs
+nothing there: gpt2.prepared keeps it for later loads.
 
 Modes (load_model's `kernels=`, else the environment variable GPT2_PYTORCH_KERNELS, read only):
 "cached" (the default) uses the file and measures what it lacks; "tune" measures everything again;
@@ -47,13 +48,19 @@ PREFILL_TIMING_ROWS = 128
 # The LM head is timed on its first this-many rows: its product's time grows with its rows like any other's,
 # and timing all 50257 would take most of the budget.
 HEAD_TIMING_ROWS = 4096
-REPEATS = 3  # timed calls per kernel and row count, after one untimed call; the fastest counts
+REPEATS = 3  # timed passes per kernel and row count, after one untimed call; the fastest counts
+# Each pass calls the kernel on copies of its stored form, this many bytes of weights in all (at most
+# MAX_COPIES copies): past the core's caches, as in a decode step, whose ranking this one must match.
+ROTATION_BYTES = 16 << 20
+MAX_COPIES = 16
+COPY_BUILD_SECONDS = 0.02  # per form and shape: forms slow to build (FBGEMM's) get fewer copies
 # A candidate's product of random operands may differ from the float64 one by this fraction of its largest
 # value: float32 ones compute in float32; 16-bit ones round weights and inputs to 8 or 11 bits; int8 ones
 # quantize (see gpt2.quantize). A broken or inexact kernel is never chosen.
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2, "int8": 3e-2}
 SCREEN = 2.0  # kernels slower than this many times the fastest at one row are not timed further
 LOAD_STEPS = 512  # decode steps a load is spread over in the ranking: the CLI's default --length
+REBUILT_MARGIN = 0.25
 
 Clock = Callable[[], float]
 Layout = tuple[tuple[int, int], bool]  # a weight's (out, in) and whether it is a transposed view of (in, out)
@@ -140,14 +147,26 @@ def write_cache(path: Path, data: dict[str, dict]) -> None:
 # measuring
 
 
-def _fastest_call(kernel: Kernel, stored: tuple, x: Tensor, clock: Clock) -> float:
-    kernel.run(x, stored)  # untimed: oneDNN builds its primitive for the shape on the first call
+def _fastest_call(kernel: Kernel, copies: list[tuple], x: Tensor, clock: Clock) -> float:
+    """The fastest of REPEATS passes over `copies` (one stored form each), per call."""
+    kernel.run(x, copies[0])  # untimed: oneDNN builds its primitive for the shape on the first call
     best = float("inf")
     for _ in range(REPEATS):
         start = clock()
-        kernel.run(x, stored)
-        best = min(best, clock() - start)
+        for stored in copies:
+            kernel.run(x, stored)
+        best = min(best, (clock() - start) / len(copies))
     return best
+
+
+def _copies(form: Form, first: tuple, build_seconds: float, weight: Tensor, bias: Tensor) -> list[tuple]:
+    """`first` and more of `form` built from copies of the weight, ROTATION_BYTES in all, or as many as
+    COPY_BUILD_SECONDS allows: a decode step reads each weight once, from farther than the core's own
+    caches, and one weight timed over and over would not be."""
+    count = min(MAX_COPIES, -(-ROTATION_BYTES // (weight.numel() * form.value_bytes)),
+                1 + int(COPY_BUILD_SECONDS / max(build_seconds, 1e-9)))
+    more = [form.build(torch.empty_like(weight).copy_(weight), bias, None) for _ in range(count - 1)]
+    return [first, *(stored for stored in more if stored is not None)]
 
 
 def _random_operands(shape: tuple[int, int], transposed: bool) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
@@ -171,7 +190,8 @@ def _close(result: Tensor, exact: Tensor, tolerance: float) -> bool:
 def measure(kernels: list[Kernel], shape: tuple[int, int], tolerance: float,
             clock: Clock = time.perf_counter, transposed: bool = False) -> Choice:
     """Rank `kernels` for a weight of `shape` (out, in) (`transposed`: stored (in, out)) by the time of a
-    decode step plus their form's build time over LOAD_STEPS, on fixed random tensors: all at one row,
+    decode step plus their packed form's build time over LOAD_STEPS, on fixed random tensors (the weight in
+    copies, ROTATION_BYTES of them, each call reading the next): all at one row,
     those within SCREEN times the fastest also at the other DECODE_TIMING_ROWS (their mean is the step).
     Prefill (PREFILL_TIMING_ROWS rows) picks among the kernels of the fastest one's form; other forms get
     their first kernel. A kernel whose form cannot hold the random weight, that fails, or whose result is
@@ -179,7 +199,7 @@ def measure(kernels: list[Kernel], shape: tuple[int, int], tolerance: float,
     weight, bias, inputs = _random_operands(shape, transposed)
     x = inputs[DECODE_TIMING_ROWS[-1]]
     exact = torch.nn.functional.linear(x.double(), weight.double(), bias.double())  # (rows, out)
-    stored: dict[str, tuple | None] = {}
+    stored: dict[str, list[tuple] | None] = {}
     build_time: dict[str, float] = {}
     decode_time: dict[str, float] = {}
     for kernel in kernels:
@@ -187,9 +207,10 @@ def measure(kernels: list[Kernel], shape: tuple[int, int], tolerance: float,
         try:
             if form not in stored:
                 start = clock()
-                stored[form] = kernel.form.build(weight, bias, None)
+                first = kernel.form.build(weight, bias, None)
                 build_time[form] = clock() - start
-            if stored[form] is None or not _close(kernel.run(x, stored[form]), exact, tolerance):
+                stored[form] = None if first is None else _copies(kernel.form, first, build_time[form], weight, bias)
+            if stored[form] is None or not _close(kernel.run(x, stored[form][0]), exact, tolerance):
                 continue
             decode_time[kernel.name] = _fastest_call(kernel, stored[form], inputs[DECODE_TIMING_ROWS[0]], clock)
         except (RuntimeError, NotImplementedError, TypeError, ValueError):  # a kernel this CPU or build lacks
@@ -203,7 +224,7 @@ def measure(kernels: list[Kernel], shape: tuple[int, int], tolerance: float,
                                      for rows in DECODE_TIMING_ROWS[1:])
         else:
             decode_time[name] *= len(DECODE_TIMING_ROWS)  # after every kernel timed at all row counts
-    cost = {name: seconds / len(DECODE_TIMING_ROWS) + load_cost(by_name[name].form, build_time)
+    cost = {name: step_cost(by_name[name].form, seconds / len(DECODE_TIMING_ROWS), build_time)
             for name, seconds in decode_time.items()}
     ranking = tuple(sorted(cost, key=cost.get))
     prefill = {}
@@ -218,10 +239,14 @@ def measure(kernels: list[Kernel], shape: tuple[int, int], tolerance: float,
     return Choice(ranking, prefill)
 
 
-def load_cost(form: Form, build_time: dict[str, float]) -> float:
-    """A form's build time per decode step: spread over LOAD_STEPS, as each load builds it again; nothing
-    for a plain form, which gpt2.prepared keeps for later loads."""
-    return 0.0 if form.plain else build_time[form.name] / LOAD_STEPS
+def step_cost(form: Form, seconds: float, build_time: dict[str, float]) -> float:
+    """What a kernel on `form` costs a decode step that takes it `seconds`. A packed form is built again on
+    every load: its build time is spread over LOAD_STEPS steps, and it must win by more than REBUILT_MARGIN,
+    timing's noise on a shared machine, since one weight timed alone flatters packed layouts. A plain form
+    costs its time only: gpt2.prepared keeps it for later loads."""
+    if form.plain:
+        return seconds
+    return seconds * (1 + REBUILT_MARGIN) + build_time[form.name] / LOAD_STEPS
 
 
 def default_choice(kernels: list[Kernel]) -> Choice:
@@ -275,10 +300,13 @@ def projection(weight: Tensor, bias: Tensor | None, choice: Choice, kernels: lis
     by_name = {k.name: k for k in kernels}
     ranked = [by_name[name] for name in choice.decode if name in by_name]
     ranked += [k for k in kernels if k not in ranked]
+    cast = None
     for kernel in ranked:
         stored = prepared(kernel.form) if prepared else None
         if stored is None:
-            stored = kernel.form.build(weight, bias, inputs)
+            if cast is None:  # given as stored where gpt2.prepared holds a form the ranking no longer picks
+                cast = weight.to(dtype)
+            stored = kernel.form.build(cast, bias, inputs)
         if stored is not None:
             prefill = by_name.get(choice.prefill.get(kernel.form.name, kernel.name), kernel)
             if prefill.form.name != kernel.form.name:

@@ -18,7 +18,15 @@ from gpt2.checkpoint import load_model
 from gpt2.errors import GPT2Error
 from gpt2.kernels import Kernel, _dense_form, _transposed_form, int8_dynamic_available
 from gpt2.model import GPT2LMHeadModel
-from gpt2.tuning import DECODE_TIMING_ROWS, LOAD_STEPS, PREFILL_TIMING_ROWS, choices_for, kernels_mode, measure
+from gpt2.tuning import (
+    DECODE_TIMING_ROWS,
+    LOAD_STEPS,
+    PREFILL_TIMING_ROWS,
+    REBUILT_MARGIN,
+    choices_for,
+    kernels_mode,
+    measure,
+)
 
 SHAPE = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=64)
 W = (48, 32)  # a weight's (out, in) for the tuner
@@ -97,13 +105,26 @@ def test_measure_counts_a_packed_forms_build_spread_over_the_steps_of_a_load(clo
     kernels = [fake_kernel(clock, "fast, slow to build", costs(1, 1, 1), form=slow),
                fake_kernel(clock, "a little slower", costs(1.2, 1.2, 1), form=TRANSPOSED)]
     assert measure(kernels, W, 1e-5, clock).decode == ("a little slower", "fast, slow to build")
+    assert seen and all(seen)  # (out, in), and so are the copies timed in turn
+    seen.clear()
     assert measure(kernels, W, 1e-5, clock, transposed=True).decode[0] == "a little slower"
-    assert seen == [True, False]
+    assert seen and not any(seen)
     clock.now = 0.0
     kernels[0] = fake_kernel(clock, "much faster", costs(0.1, 0.1, 1), form=slow)
     assert measure(kernels, W, 1e-5, clock).decode[0] == "much faster"
     kernels[0] = fake_kernel(clock, "fast, kept", costs(1, 1, 1), form=dataclasses.replace(slow, plain=True))
     assert measure(kernels, W, 1e-5, clock).decode[0] == "fast, kept"
+
+
+def test_a_packed_form_must_win_by_more_than_the_noise(clock):
+    """A form built again on every load (not plain) must be faster by more than REBUILT_MARGIN, even where
+    its build is free."""
+    packed = dataclasses.replace(DENSE, name="packed", plain=False)
+    plain = fake_kernel(clock, "plain", costs(1, 1, 1), form=TRANSPOSED)
+    close = fake_kernel(clock, "a little faster, packed", costs(*(1 - REBUILT_MARGIN / 2,) * 3), form=packed)
+    assert measure([close, plain], W, 1e-5, clock).decode == ("plain", "a little faster, packed")
+    clear = fake_kernel(clock, "much faster, packed", costs(*(1 - 2 * REBUILT_MARGIN,) * 3), form=packed)
+    assert measure([clear, plain], W, 1e-5, clock).decode == ("much faster, packed", "plain")
 
 
 @pytest.fixture

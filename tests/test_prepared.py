@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 import gpt2.checkpoint
 from gpt2.checkpoint import SafetensorsFile, load_model
 from gpt2.errors import GPT2Error
-from gpt2.kernels import Projection
+from gpt2.kernels import Projection, kernels_for
 from gpt2.prepared import Prepared, identity, prepared_file
 
 IDS = torch.tensor([[464, 2068, 7586, 21831, 18045, 625, 262]])
@@ -104,3 +104,58 @@ def test_default_kernels_and_int8_keep_no_prepared_file(tmp_path):
     load_model(tmp_path / "model", kernels="default")
     load_model(tmp_path / "model", dtype=torch.bfloat16, int8=True)
     assert not any(prepared_file(weights, p).exists() for p in ("float32", "bfloat16", "int8"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_form_the_ranking_no_longer_picks_is_built_from_the_checkpoint(tmp_path, monkeypatch, dtype):
+    """After the kernel ranking changes (measured again), a projection whose kept form is no longer the
+    chosen one builds the new form from the checkpoint's tensor as stored: its weights are still the
+    checkpoint's, and the file keeps the new form."""
+    kernel_cache = tmp_path / "cache"  # a ranking of its own, not the session's
+    monkeypatch.setenv("GPT2_PYTORCH_CACHE", str(kernel_cache))
+    write_checkpoint(tmp_path / "model")
+    load_model(tmp_path / "model", dtype=dtype)
+    precision = str(dtype).removeprefix("torch.")
+    cache = json.loads((kernel_cache / "kernels.json").read_text())
+    forced = f"{precision} F.linear"
+    for key, entry in cache.items():
+        if f"| {precision} |" in key:
+            entry["decode"] = [forced] + [name for name in entry["decode"] if name != forced]
+    (kernel_cache / "kernels.json").write_text(json.dumps(cache))
+
+    model = load_model(tmp_path / "model", dtype=dtype)
+    assert {decode for decode, _ in model.kernel_choices().values()} == {forced}
+    state = tiny_legacy_state(mask_buffers=False)
+    ours = model.state_dict()
+    assert torch.equal(ours["transformer.h.0.mlp.c_fc.weight"], state["h.0.mlp.c_fc.weight"].t().to(dtype))
+    assert torch.equal(ours["transformer.h.0.attn.c_proj.weight"], state["h.0.attn.c_proj.weight"].t().to(dtype))
+    again = load_model(tmp_path / "model", dtype=dtype)
+    assert torch.equal(logits(again), logits(model))
+
+
+def test_a_packed_form_is_built_again_from_the_cast_weight_kept(tmp_path, monkeypatch):
+    """A form that cannot be kept (packed) is built by every load, from the bfloat16 weight the first load
+    cast and kept: later loads cast nothing and compute the same logits."""
+    kernel_cache = tmp_path / "cache"
+    monkeypatch.setenv("GPT2_PYTORCH_CACHE", str(kernel_cache))
+    packed = next((k.name for k in kernels_for("bfloat16") if not k.form.plain), None)
+    if packed is None:
+        pytest.skip("no packed bfloat16 kernel on this build")
+    weights = write_checkpoint(tmp_path / "model")
+    load_model(tmp_path / "model", dtype=torch.bfloat16)
+    cache = json.loads((kernel_cache / "kernels.json").read_text())
+    for entry in cache.values():
+        entry["decode"] = [packed] + [name for name in entry["decode"] if name != packed]
+    (kernel_cache / "kernels.json").write_text(json.dumps(cache))
+
+    first = load_model(tmp_path / "model", dtype=torch.bfloat16)
+    assert {decode for decode, _ in first.kernel_choices().values()} == {packed}
+    kept = SafetensorsFile(prepared_file(weights, "bfloat16"))
+    assert kept["state:transformer.h.0.mlp.c_fc.weight"].dtype == torch.bfloat16
+    refuse_finite_check(monkeypatch)
+    casts = []
+    dense = gpt2.checkpoint._dense
+    monkeypatch.setattr(gpt2.checkpoint, "_dense", lambda t, dtype: casts.append(t.dtype) or dense(t, dtype))
+    second = load_model(tmp_path / "model", dtype=torch.bfloat16)
+    assert torch.float32 not in casts  # every bfloat16 tensor came from the prepared file
+    assert torch.equal(logits(second), logits(first))
