@@ -89,9 +89,10 @@ import sys
 import torch
 from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 directory, text, length, seed, device = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+dtype = getattr(torch, sys.argv[6])
 torch.manual_seed(seed)
 tokenizer = GPT2TokenizerFast.from_pretrained(directory)
-model = GPT2LMHeadModel.from_pretrained(directory).to(device).eval()
+model = GPT2LMHeadModel.from_pretrained(directory, dtype=dtype).to(device).eval()
 inputs = tokenizer(text, return_tensors="pt").to(device)
 with torch.inference_mode():
     out = model.generate(**inputs, do_sample=True, top_k=40, temperature=0.7, max_new_tokens=length,
@@ -163,6 +164,14 @@ def make_model_dir(directory: Path, **config: int) -> None:
     for source, names in (("encoder.json", ("encoder.json", "vocab.json")), ("vocab.bpe", ("vocab.bpe", "merges.txt"))):
         for name in names:
             shutil.copyfile(data / source, directory / name)
+
+
+def forget_prepared(weight_file: Path) -> None:
+    """Delete what loads of this temporary checkpoint kept in the cache (gpt2.prepared): it goes with it."""
+    from gpt2.prepared import PRECISIONS, prepared_file
+
+    for precision in PRECISIONS:
+        prepared_file(weight_file, precision).unlink(missing_ok=True)
 
 
 XL = dict(n_layer=48, n_embd=1600, n_head=25)  # gpt2-xl's shape: 1.56B parameters, 6.2 GB in float32
@@ -535,14 +544,16 @@ def time_loads(directory: Path, runs: int, device: str) -> dict[str, tuple[Stat,
     return loads
 
 
-def time_cli(directory: Path, runs: int, device: str) -> tuple[dict[str, Stat], bool]:
-    """Wall time of main.py and of the equivalent transformers script generating CLI_TOKENS tokens, and
-    whether every run of both printed the same text (same seed, same sampling: they should)."""
+def time_cli(directory: Path, runs: int, device: str, dtype: str = "float32") -> tuple[dict[str, Stat], bool]:
+    """Wall time of main.py and of the equivalent transformers script generating CLI_TOKENS tokens with
+    weights in `dtype`, and whether every run of both printed the same text (same seed, same sampling: in
+    float32 they should)."""
     commands = {
         "ours": [sys.executable, str(REPO / "main.py"), "--model", str(directory), "--text", PROMPT,
-                 "--length", str(CLI_TOKENS), "--quiet", "--seed", "1", "--offline", "--device", device],
+                 "--length", str(CLI_TOKENS), "--quiet", "--seed", "1", "--offline", "--device", device,
+                 "--dtype", dtype],
         "transformers": [sys.executable, "-c", HF_CLI_SCRIPT, str(directory), PROMPT, str(CLI_TOKENS), "1",
-                         device],
+                         device, dtype],
     }
     seconds: dict[str, list[float]] = {kind: [] for kind in commands}
     texts = set()
@@ -878,9 +889,10 @@ def notes(args: argparse.Namespace, attention: str, extra: list[str], total_s: f
     if not args.quick:
         lines.append(
             f"CLI: wall time of `python main.py --model DIR --text PROMPT --length {CLI_TOKENS} --quiet --seed 1 "
-            f"--offline --device {args.device}` versus a fresh `python -c` that imports transformers, loads "
-            f"GPT2TokenizerFast and the model from DIR (to {args.device}), generates {CLI_TOKENS} tokens with the "
-            "same sampling, decodes and prints.")
+            f"--offline --device {args.device} --dtype DTYPE` versus a fresh `python -c` that imports transformers, "
+            f"loads GPT2TokenizerFast and the model from DIR (dtype=DTYPE, to {args.device}), generates "
+            f"{CLI_TOKENS} tokens with the same sampling, decodes and prints; second run on (caches filled by the "
+            "load rows).")
     return lines + extra + [f"Whole benchmark: {total_s:.0f} s."]
 
 
@@ -1003,17 +1015,16 @@ def benchmark(args: argparse.Namespace, directory: Path, started: float) -> str:
         rows.append(Row("peak GPU memory of that process, MiB", "float32", fresh["ours"]["peak_gpu_mib"],
                         fresh["transformers"]["peak_gpu_mib"], 0))
     if not args.quick:
-        log(f"bench: CLI end to end, {CLI_TOKENS} tokens (fresh processes)")
-        cli, same_text = time_cli(directory, args.runs, device)
-        rows.append(Row("CLI wall time, s", f"{CLI_TOKENS} new tokens, float32, fresh process", cli["ours"],
-                        cli["transformers"], 2))
-        if args.xl:
-            log(f"bench: CLI end to end at gpt2-xl's shape, {CLI_TOKENS} tokens (fresh processes)")
-            cli, _ = time_cli(xl_model_dir(), args.runs, device)
-            rows.append(Row("CLI wall time, s", f"{CLI_TOKENS} new tokens, float32, gpt2-xl shape, fresh process",
-                            cli["ours"], cli["transformers"], 2))
-        extra.append(f"The two CLIs printed {'the same' if same_text else 'different'} text in every run "
-                     "(seed 1; this project samples like generate(do_sample=True)).")
+        same_text = True
+        for size, where in sizes:
+            for dtype in ("float32", "bfloat16"):
+                log(f"bench: CLI end to end, {size}, {dtype}, {CLI_TOKENS} tokens (fresh processes)")
+                cli, same = time_cli(where, args.runs, device, dtype)
+                same_text &= same or dtype != "float32"
+                rows.append(Row("CLI wall time, s", f"{CLI_TOKENS} new tokens, {size}, {dtype}, fresh process",
+                                cli["ours"], cli["transformers"], 2))
+        extra.append(f"The two CLIs printed {'the same' if same_text else 'different'} text in every float32 "
+                     "run (seed 1; this project samples like generate(do_sample=True)).")
 
     body = notes(args, attention, extra, time.perf_counter() - started)
     return "\n".join([machine_line(bandwidth, device), "", markdown_table(rows), "", *(f"- {n}" for n in body)]) + "\n"
@@ -1033,7 +1044,10 @@ def main(argv: list[str] | None = None) -> int:
         directory = Path(tmp)
         log(f"bench: saving random-init weights and vocabulary to {directory}")
         make_model_dir(directory)
-        report = (many_prompts_report if args.many_prompts else benchmark)(args, directory, started)
+        try:
+            report = (many_prompts_report if args.many_prompts else benchmark)(args, directory, started)
+        finally:
+            forget_prepared(directory / "model.safetensors")
     sys.stdout.write(report)
     if args.output:
         Path(args.output).write_text(report, encoding="utf-8")
