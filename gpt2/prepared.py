@@ -139,6 +139,8 @@ class Prepared:
             if not same_next_time:
                 self._keep(name + ".weight", weight.to(projection.dtype))
             return
+        for key in [key for key in self._tensors if key.startswith(f"form:{name}:")]:
+            del self._tensors[key]  # an earlier form's
         parts = []
         for index, part in enumerate(projection.stored):
             if part is None:
@@ -160,6 +162,7 @@ class Prepared:
         one); where it cannot be written, later loads build again."""
         if not self._changed:
             return
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         tensors = {key: tensor.contiguous() for key, tensor in self._tensors.items()
@@ -176,6 +179,6 @@ class Prepared:
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-        except OSError:
+        except (OSError, SafetensorError):  # a full disk, a read-only cache
             pass
         self._changed = False

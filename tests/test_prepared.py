@@ -159,3 +159,18 @@ def test_a_packed_form_is_built_again_from_the_cast_weight_kept(tmp_path, monkey
     second = load_model(tmp_path / "model", dtype=torch.bfloat16)
     assert torch.float32 not in casts  # every bfloat16 tensor came from the prepared file
     assert torch.equal(logits(second), logits(first))
+
+
+def test_a_cache_that_cannot_be_written_only_costs_time(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    weights = write_checkpoint(tmp_path / "model")
+    expected = logits(load_model(tmp_path / "model", kernels="default"))
+    assert torch.allclose(logits(load_model(tmp_path / "model")), expected, atol=1e-5)
+    folder = prepared_file(weights, "float32").parent
+    assert not prepared_file(weights, "float32").exists()
+    assert not any(folder.glob(".prepared-*"))  # no temporary file left behind
