@@ -1,9 +1,10 @@
 """Prepared weights: what a CPU load had to build from a checkpoint (casts, transposed copies, the kernels'
 plain forms), kept in the cache so that later loads of the same checkpoint map it from disk instead.
 
-One safetensors file per checkpoint and precision, `<cache>/prepared/<hash>.safetensors`. It holds only
-what differs from the checkpoint's own tensors: a tensor a load uses as stored is mapped from the
-checkpoint every time, and a form that is its weight or bias itself is recorded as such. Its metadata
+One safetensors file per checkpoint and precision, `<cache>/prepared/<hash>.safetensors` (the KEEP_FILES
+most recently used are kept). It holds only what differs from the checkpoint's own tensors: a tensor a
+load uses as stored is mapped from the checkpoint every time, and a form that is its weight or bias
+itself is recorded as such. Its metadata
 names the checkpoint (resolved path, size, modification time, inode), this file format and the torch
 version; when any differs the file is ignored and written again. A load that uses it skips the
 checkpoint's finite check, which passed when the file was written. Forms that are not plain tensors
@@ -13,6 +14,7 @@ ranking counts (gpt2.tuning), from their input kept here (the weight as the load
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,6 +27,7 @@ from torch import Tensor
 from gpt2.kernels import Form, Projection, Stored
 
 FORMAT = "2"
+KEEP_FILES = 8  # prepared files kept in the cache, the most recently used: each may be a model's size
 PRECISIONS = ("float32", "bfloat16", "float16")  # int8 forms depend on a calibration run: built on every load
 
 
@@ -65,6 +68,8 @@ class Prepared:
                 self._transposed = set(json.loads(meta["transposed"]))
                 self._tensors = {key: stored[key] for key in stored}
                 self.valid, self._changed = True, False
+                with contextlib.suppress(OSError):  # recently used: kept the longest (see save)
+                    os.utime(self.path)
         except Exception:  # noqa: BLE001 -- missing, unreadable or corrupt: built again and rewritten
             self._tensors, self._forms, self._transposed = {}, {}, set()
 
@@ -179,6 +184,19 @@ class Prepared:
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
+            _forget_all_but_recent(self.path.parent)
         except (OSError, SafetensorError):  # a full disk, a read-only cache
             pass
         self._changed = False
+
+
+def _forget_all_but_recent(folder: Path) -> None:
+    """Delete all but the KEEP_FILES most recently used prepared files (a later load of theirs builds again)."""
+    def used(path: Path) -> float:
+        try:
+            return path.stat().st_mtime
+        except OSError:  # deleted meanwhile by another process
+            return 0.0
+
+    for old in sorted(folder.glob("*.safetensors"), key=used, reverse=True)[KEEP_FILES:]:
+        old.unlink(missing_ok=True)

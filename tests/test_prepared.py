@@ -13,6 +13,7 @@ from conftest import tiny_config, tiny_legacy_state
 from safetensors.torch import save_file
 
 import gpt2.checkpoint
+import gpt2.prepared
 from gpt2.checkpoint import SafetensorsFile, load_model
 from gpt2.errors import GPT2Error
 from gpt2.kernels import Projection, kernels_for
@@ -174,3 +175,14 @@ def test_a_cache_that_cannot_be_written_only_costs_time(tmp_path, monkeypatch):
     folder = prepared_file(weights, "float32").parent
     assert not prepared_file(weights, "float32").exists()
     assert not any(folder.glob(".prepared-*"))  # no temporary file left behind
+
+
+def test_only_the_most_recently_used_prepared_files_are_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpt2.prepared, "KEEP_FILES", 2)
+    files = [write_checkpoint(tmp_path / f"model{i}") for i in range(3)]
+    load_model(tmp_path / "model0")
+    load_model(tmp_path / "model1")
+    os.utime(prepared_file(files[1], "float32"), (1, 1))  # long unused
+    load_model(tmp_path / "model0")  # used again
+    load_model(tmp_path / "model2")
+    assert [prepared_file(f, "float32").exists() for f in files] == [True, False, True]
