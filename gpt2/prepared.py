@@ -4,12 +4,12 @@ plain forms), kept in the cache so that later loads of the same checkpoint map i
 One safetensors file per checkpoint and precision, `<cache>/prepared/<hash>.safetensors` (the KEEP_FILES
 most recently used are kept). It holds only what differs from the checkpoint's own tensors: a tensor a
 load uses as stored is mapped from the checkpoint every time, and a form that is its weight or bias
-itself is recorded as such. Its metadata
-names the checkpoint (resolved path, size, modification time, inode), this file format and the torch
-version; when any differs the file is ignored and written again. A load that uses it skips the
-checkpoint's finite check, which passed when the file was written. Forms that are not plain tensors
-(oneDNN's and FBGEMM's packed weights) cannot be kept: each load builds them again, which the kernel
-ranking counts (gpt2.tuning), from their input kept here (the weight as the load cast it).
+itself is recorded as such. Its metadata names the checkpoint (resolved path, size, modification time,
+inode), this file format and the torch version; when any differs the file is ignored and written again.
+A load that uses it skips the checkpoint's finite check, which passed when the file was written. Forms
+that are not plain tensors (oneDNN's and FBGEMM's packed weights) cannot be kept: each load builds them
+again, which the kernel ranking counts (gpt2.tuning), from their input kept here (the weight as the load
+cast it).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class Prepared:
         self._tensors: dict[str, Tensor] = {}
         self._forms: dict[str, dict] = {}  # projection name -> {"form": name, "parts": [...]}
         self._changed = True  # until a valid file is read: even one with no tensors vouches for the check
-        self._copied: set[str] = set()
+        self._not_as_next: set[str] = set()  # weights this load gives otherwise than the next one will
         self._transposed: set[str] = set()  # state tensors kept as their transpose (a Conv1D (in, out))
         try:
             stored = SafetensorsFile(self.path)
@@ -86,7 +86,7 @@ class Prepared:
         if keep:
             self._keep(name, tensor)
         else:
-            self._copied.add(name)
+            self._not_as_next.add(name)
 
     def _keep(self, name: str, tensor: Tensor) -> None:
         tensor = tensor.detach()
@@ -98,12 +98,12 @@ class Prepared:
 
     def given_as_stored(self, name: str) -> None:
         """A weight given uncast because this file holds its form (which the ranking may no longer pick)."""
-        self._copied.add(name)
+        self._not_as_next.add(name)
 
     def same_next_time(self, name: str) -> bool:
         """Whether the next load gives the weight `name` as this one did: the checkpoint's own tensor, or a
         converted one this file keeps."""
-        return name not in self._copied
+        return name not in self._not_as_next
 
     # the projections' forms
 
@@ -118,12 +118,13 @@ class Prepared:
             return None
         parts = []
         for index, (kind, transposed) in enumerate(entry["parts"]):
-            part = {"weight": weight, "bias": bias}.get(kind)
-            part = None if part is None else part.detach()  # not the module's parameter: its data
             if kind == "file":
                 part = self._tensors[f"form:{name}:{index}"]
-            elif part is not None and transposed:
-                part = part.t()
+            elif kind == "none":
+                part = None
+            else:
+                part = (weight if kind == "weight" else bias).detach()  # its data, not the module's parameter
+                part = part.t() if transposed else part
             parts.append(part)
         return tuple(parts)
 
@@ -137,15 +138,15 @@ class Prepared:
         entry = self._forms.get(name)
         if entry is not None and entry["form"] == form.name:
             return
+        if entry is not None:  # an earlier form, no longer the chosen one
+            del self._forms[name]
+            for key in [key for key in self._tensors if key.startswith(f"form:{name}:")]:
+                del self._tensors[key]
+            self._changed = True
         if not form.plain:
-            if entry is not None:
-                del self._forms[name]
-                self._changed = True
             if not same_next_time:
                 self._keep(name + ".weight", weight.to(projection.dtype))
             return
-        for key in [key for key in self._tensors if key.startswith(f"form:{name}:")]:
-            del self._tensors[key]  # an earlier form's
         parts = []
         for index, part in enumerate(projection.stored):
             if part is None:
@@ -170,8 +171,7 @@ class Prepared:
         from safetensors import SafetensorError
         from safetensors.torch import save_file
 
-        tensors = {key: tensor.contiguous() for key, tensor in self._tensors.items()
-                   if not key.startswith("form:") or key.split(":")[1] in self._forms}
+        tensors = {key: tensor.contiguous() for key, tensor in self._tensors.items()}
         metadata = {"identity": self.identity, "forms": json.dumps(self._forms),
                     "transposed": json.dumps(sorted(self._transposed))}
         try:

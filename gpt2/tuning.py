@@ -60,7 +60,8 @@ COPY_BUILD_SECONDS = 0.02  # per form and shape: forms slow to build (FBGEMM's) 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2, "int8": 3e-2}
 SCREEN = 2.0  # kernels slower than this many times the fastest at one row are not timed further
 LOAD_STEPS = 512  # decode steps a load is spread over in the ranking: the CLI's default --length
-REBUILT_MARGIN = 0.25
+REBUILT_MARGIN = 0.25  # how much faster a form built on every load (packed) must be: see step_cost
+RANKING = 2  # how rankings are measured; part of the cache key, so that a new way measures again
 
 Clock = Callable[[], float]
 Layout = tuple[tuple[int, int], bool]  # a weight's (out, in) and whether it is a transposed view of (in, out)
@@ -106,10 +107,10 @@ def cpu_name() -> str:
 
 def cache_key(precision: str, layout: Layout) -> str:
     """What a measurement depends on: CPU, threads, torch build, precision, the weight's (out, in) and
-    whether it is stored (in, out) (a Conv1D weight as loaded)."""
+    whether it is stored (in, out) (a Conv1D weight as loaded), and how it is measured."""
     (out_features, in_features), transposed = layout
     return (f"{cpu_name()} | threads {torch.get_num_threads()} | torch {torch.__version__} | {precision} | "
-            f"{out_features}x{in_features}{' stored (in, out)' if transposed else ''}")
+            f"{out_features}x{in_features}{' stored (in, out)' if transposed else ''} | ranking {RANKING}")
 
 
 def cache_file() -> Path:
