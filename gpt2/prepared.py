@@ -100,11 +100,6 @@ class Prepared:
         """A weight given uncast because this file holds its form (which the ranking may no longer pick)."""
         self._not_as_next.add(name)
 
-    def same_next_time(self, name: str) -> bool:
-        """Whether the next load gives the weight `name` as this one did: the checkpoint's own tensor, or a
-        converted one this file keeps."""
-        return name not in self._not_as_next
-
     # the projections' forms
 
     def has_form(self, name: str) -> bool:
@@ -128,13 +123,14 @@ class Prepared:
             parts.append(part)
         return tuple(parts)
 
-    def keep_form(self, name: str, projection: Projection, weight: Tensor, bias: Tensor | None,
-                  same_next_time: bool) -> None:
+    def keep_form(self, name: str, projection: Projection, weight: Tensor, bias: Tensor | None) -> None:
         """Keep projection `name`'s form if it is plain tensors. A part that is the bias's own memory, or the
-        weight's where the next load gives the same weight (`same_next_time`), is recorded as such (the bias
-        always comes as stored or from this file). A packed form is built again by every load: what is kept
-        then is its input, the weight as this load cast it (where it did)."""
+        weight's where the next load gives the same weight (the checkpoint's own tensor, or a converted one
+        this file keeps), is recorded as such (the bias always comes as stored or from this file). A packed
+        form is built again by every load: what is kept then is its input, the weight as this load cast it
+        (where it did)."""
         form = projection.decode.form
+        same_next_time = name + ".weight" not in self._not_as_next
         entry = self._forms.get(name)
         if entry is not None and entry["form"] == form.name:
             return

@@ -359,7 +359,7 @@ def use_cpu_kernels(model: nn.Module, precision: str, mode: str | None = None,
         kept = functools.partial(prepared.form, name, weight=weight, bias=bias) if prepared else None
         new = projection(weight, bias, choices[layout_of(weight)], kernels, dtype, inputs, tied, kept)
         if prepared:
-            prepared.keep_form(name, new, weight, bias, prepared.same_next_time(name + ".weight"))
+            prepared.keep_form(name, new, weight, bias)
         return new
 
     def replace(place: tuple[nn.Module, str]) -> None:  # the original weight goes once its form is built
