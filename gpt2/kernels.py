@@ -157,11 +157,13 @@ class Form:
 
 @dataclass(frozen=True)
 class Kernel:
-    """One product y = x @ weight.T + bias: x (rows, in) float32 -> y (rows, out) float32."""
+    """One product y = x @ weight.T + bias: x (rows, in) in one of the dtypes it `takes` -> y (rows, out) in
+    the same dtype (Projection widens any other x to float32)."""
 
     name: str
     form: Form
     run: Callable[[Tensor, Stored], Tensor]
+    takes: tuple[torch.dtype, ...] = (torch.float32,)
 
 
 def _dense_form(dtype: torch.dtype) -> Form:
@@ -191,9 +193,9 @@ def _short(dtype: torch.dtype) -> str:
 
 
 def _in(dtype: torch.dtype) -> Callable[[Callable[..., Tensor]], Callable[[Tensor, Stored], Tensor]]:
-    """A product run with x rounded to `dtype` and its result widened back to float32."""
+    """A product run with x rounded to `dtype` and its result given in x's dtype."""
     def wrap(product: Callable[..., Tensor]) -> Callable[[Tensor, Stored], Tensor]:
-        return lambda x, s: product(x.to(dtype), *s).float()
+        return lambda x, s: product(x.to(dtype), *s).to(x.dtype)
     return wrap
 
 
@@ -216,17 +218,22 @@ FLOAT16_FBGEMM = Form("float16 FBGEMM packed", float16_fbgemm_available, _float1
 
 def float_kernels(dtype: torch.dtype) -> list[Kernel]:
     """The candidates for weights whose values are `dtype`'s (float32, bfloat16 or float16), the one to use
-    without measuring first. 16-bit ones other than FBGEMM round x to 16 bits inside the product only."""
+    without measuring first. 16-bit ones take float32 x (other than FBGEMM they round it to 16 bits inside
+    the product only) or x in their own dtype (a bfloat16 model's prompt, gpt2.model)."""
     dense, packed = _dense_form(dtype), _onednn_packed_form(dtype)
-    kernels = [Kernel(f"{_short(dtype)} F.linear", dense, _in(dtype)(F.linear)),
-               Kernel(f"{_short(dtype)} mv", dense, _in(dtype)(_matvec)),
-               Kernel(f"{_short(dtype)} oneDNN", dense, _in(dtype)(linear)),
-               Kernel(f"{_short(dtype)} oneDNN packed", packed, _in(dtype)(linear))]
+    takes = (torch.float32,) if dtype == torch.float32 else (torch.float32, dtype)
+    kernels = [Kernel(f"{_short(dtype)} F.linear", dense, _in(dtype)(F.linear), takes),
+               Kernel(f"{_short(dtype)} mv", dense, _in(dtype)(_matvec), takes),
+               Kernel(f"{_short(dtype)} oneDNN", dense, _in(dtype)(linear), takes),
+               Kernel(f"{_short(dtype)} oneDNN packed", packed, _in(dtype)(linear), takes)]
     if dtype == torch.float32:  # and transformers' own product, on the Conv1D layout
         return [*kernels, Kernel("float32 x @ w", _transposed_form(dtype), _addmm)]
     # First (the choice without measuring): float32 activations, the weights widened in registers.
-    return [Kernel("float16 FBGEMM", FLOAT16_FBGEMM, lambda x, s: torch.ops.quantized.linear_dynamic_fp16(x, s[0])),
-            *kernels]
+    return [Kernel("float16 FBGEMM", FLOAT16_FBGEMM, _float16_run, takes), *kernels]
+
+
+def _float16_run(x: Tensor, stored: Stored) -> Tensor:
+    return torch.ops.quantized.linear_dynamic_fp16(x.float(), stored[0]).to(x.dtype)
 
 
 def _matvec(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -279,8 +286,11 @@ class Projection(nn.Module):
         self.out_features, self.in_features = shape
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.reshape(-1, x.size(-1)).float()  # (rows, in)
+        """x @ weight.T + bias, in x's dtype where the kernel takes it, else in float32."""
+        rows = x.reshape(-1, x.size(-1))  # (rows, in)
         kernel = self.decode if rows.size(0) <= DECODE_ROWS else self.prefill
+        if rows.dtype not in kernel.takes:
+            rows = rows.float()
         return kernel.run(rows, self.stored).view(*x.shape[:-1], self.out_features)  # (..., out)
 
     def weight_and_bias(self) -> tuple[Tensor, Tensor | None]:

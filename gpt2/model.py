@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpt2.config import GPT2Config
-from gpt2.kernels import Linear, Projection, check_movable, linear
+from gpt2.kernels import DECODE_ROWS, Linear, Projection, check_movable, linear
 
 CACHE_SLOT_STEP = 64  # KV caches are allocated in multiples of this many slots (see setup_caches)
 
@@ -76,6 +76,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, -1).transpose(1, 2)  # (B, n_head, T, head_dim)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(start, k, v)  # (B, n_head, start + T, head_dim)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # a prompt computed in bfloat16 on a float32 cache
         # With no explicit mask: causal for a prompt from slot 0, nothing to hide for one new token.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, n_embd)
@@ -93,7 +94,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm decoder block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+    """Pre-LayerNorm decoder block: x + attn(ln_1(x)), then x + mlp(ln_2(x)). The attention and the MLP
+    compute in `dtype` (GPT2LMHeadModel.prompt_dtype), the residual stream x stays in its own."""
 
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
@@ -102,9 +104,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, start: int | Tensor, mask: Tensor | None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), start, mask)
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x: Tensor, start: int | Tensor, mask: Tensor | None, dtype: torch.dtype) -> Tensor:
+        x = x + self.attn(self.ln_1(x).to(dtype), start, mask)
+        return x + self.mlp(self.ln_2(x).to(dtype))
 
 
 class GPT2LMHeadModel(nn.Module):
@@ -130,6 +132,10 @@ class GPT2LMHeadModel(nn.Module):
         # a copy in its kernel's form) here, off the CPU gpt2.quantize an int8 copy.
         self.lm_head: nn.Module | None = None
         self._register_state_dict_hook(_in_loaded_dtype)
+        # A CPU bfloat16 model's (tuning.use_cpu_kernels) attention and products run in bfloat16 where they
+        # have more than DECODE_ROWS rows (a prompt), as fast as its weights' kernels allow; decode steps of
+        # up to DECODE_ROWS rows, the residual stream, layer norms, KV caches and logits stay float32.
+        self.prompt_dtype: torch.dtype | None = None
         self._kv_caches: list[KVCache] = []  # storage for setup_caches, kept between generations
 
     def kernel_choices(self) -> dict[str, tuple[str, str]]:
@@ -228,8 +234,9 @@ class GPT2LMHeadModel(nn.Module):
         x = self.transformer.wte(idx) + self.transformer.wpe(position_ids)  # (B, T, n_embd)
         keys = self._kv_caches[0].slots if isinstance(start, Tensor) else start + T
         mask = self._attention_mask(start, T, keys, key_valid, device)
+        dtype = self.prompt_dtype if self.prompt_dtype and B * T > DECODE_ROWS else x.dtype
         for block in self.transformer.h:
-            x = block(x, start, mask)
+            x = block(x, start, mask, dtype)
         return x
 
     @staticmethod

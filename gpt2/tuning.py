@@ -377,6 +377,8 @@ def use_cpu_kernels(model: nn.Module, precision: str, mode: str | None = None,
     for module in model.modules():
         if isinstance(module, nn.LayerNorm) or module is model.transformer.wpe:
             module.float()
+    if precision == "bfloat16":  # float16's range is too narrow for activations
+        model.prompt_dtype = torch.bfloat16
     if calibration:
         keep_the_contract(model, calibration, dynamic, kernels)
     dynamic.clear()  # the replaced weights go before the memory is returned
