@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,7 @@ from gpt2.kernels import (
     int8_weight_only_available,
 )
 from gpt2.model import GPT2LMHeadModel
-from gpt2.tuning import default_choice, projection, projection_places
+from gpt2.tuning import Choice, projection, projection_places
 
 # A projection takes the dynamic kernel only where, on the calibration activations, its largest error is
 # at most this fraction of the float product's largest output and this many times the weight-only kernel's.
@@ -84,7 +85,12 @@ class Int8Linear(nn.Module):
 
     def dequantized(self) -> Tensor:
         """The weight as weight_int8 * scales (out, in), in the activations' dtype."""
-        return self.weight.to(self.scales.dtype) * self.scales[:, None]
+        return widen(self.weight, self.scales)
+
+
+def widen(quantized: Tensor, scales: Tensor) -> Tensor:
+    """int8 weights (out, in) times their row's scale, in the scales' dtype."""
+    return quantized.to(scales.dtype) * scales[:, None]
 
 
 def quantize_int8(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
@@ -156,6 +162,15 @@ def _weight_only_run(x: Tensor, stored: Stored) -> Tensor:
     quantized, scales, bias, outliers, columns = stored
     y = torch._weight_int8pack_mm(x.to(torch.bfloat16), quantized, scales)  # (rows, out)
     y = (y if bias is None else y + bias).float()
+    return _with_outliers(y, x, outliers, columns)
+
+
+def _widened_run(x: Tensor, stored: Stored) -> Tensor:
+    """The weight-only form's product as a GPU runs it (Int8Linear.dequantized): the weight widened to
+    bfloat16, then torch's 16-bit product. Widening costs a pass over the weight, which a prompt's hundreds
+    of rows repay: there _weight_int8pack_mm is several times slower than the 16-bit product."""
+    quantized, scales, bias, outliers, columns = stored
+    y = F.linear(x.to(torch.bfloat16), widen(quantized, scales), bias).float()  # (rows, out)
     return _with_outliers(y, x, outliers, columns)
 
 
@@ -242,7 +257,8 @@ INT8_DYNAMIC = Form("int8 FBGEMM packed", lambda: int8_dynamic_available(), _dyn
 def int8_kernels() -> list[Kernel]:
     """int8's candidates, the one to use without measuring first (it quantizes no activations)."""
     return [Kernel("int8 weight x bfloat16 (_weight_int8pack_mm)", INT8_WEIGHT_ONLY, _weight_only_run),
-            Kernel("int8 dynamic (FBGEMM)", INT8_DYNAMIC, _dynamic_run)]
+            Kernel("int8 dynamic (FBGEMM)", INT8_DYNAMIC, _dynamic_run),
+            Kernel("int8 weight widened to bfloat16", INT8_WEIGHT_ONLY, _widened_run)]
 
 
 def for_the_head(kernels: list[Kernel]) -> list[Kernel]:
@@ -297,17 +313,16 @@ def whole_model_error(model: GPT2LMHeadModel, calibration: Calibration) -> float
 
 
 def keep_the_contract(model: GPT2LMHeadModel, calibration: Calibration, dynamic: dict[tuple[nn.Module, str], nn.Module],
-                      kernels: list[Kernel]) -> None:
+                      kernels: list[Kernel], choice_for: Callable[[Tensor], Choice]) -> None:
     """Where the products that quantize activations (`dynamic`: their places and the modules they replaced)
     take the whole model beyond WHOLE_MODEL_ERROR on the calibration tokens, store those weights int8 with
-    bfloat16 activations instead; in place."""
+    bfloat16 activations instead, on the kernels `choice_for` (a weight's ranking) puts first; in place."""
     weight_only = [kernel for kernel in kernels if kernel.form is not INT8_DYNAMIC]
     if not dynamic or not weight_only or whole_model_error(model, calibration) <= WHOLE_MODEL_ERROR:
         return
-    choice = default_choice(weight_only)
     for (parent, name), old in dynamic.items():
         dtype = getattr(parent, name).dtype
-        setattr(parent, name, projection(old.weight, old.bias, choice, weight_only, dtype,
+        setattr(parent, name, projection(old.weight, old.bias, choice_for(old.weight), weight_only, dtype,
                                          calibration.inputs.get(id(old))))
 
 

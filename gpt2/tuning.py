@@ -6,7 +6,8 @@ and VNNI FBGEMM's dynamic int8; without them FBGEMM's float16 weights and torch'
 so no fixed choice is right everywhere. The file is keyed by CPU model, thread count, torch version, precision
 and the weight's shape and layout: any change measures again. A decode step multiplies 1 to 8 rows, a
 prompt hundreds: the form a weight is stored in is the one of the fastest decode kernel (decoding
-dominates generation), and prefill takes the fastest kernel that reads that same form. Building a packed
+dominates generation), and prefill takes the fastest kernel that reads that same form (timed for every
+form: a weight that the winner's form cannot hold takes the next one). Building a packed
 form at load is time too, paid on every load: it is spread over LOAD_STEPS decode steps in the ranking,
 and a packed form must also win by REBUILT_MARGIN. A plain form (a transposed copy, a cast) costs
 nothing there: gpt2.prepared keeps it for later loads.
@@ -61,7 +62,7 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2, "int8": 3e-2}
 SCREEN = 2.0  # kernels slower than this many times the fastest at one row are not timed further
 LOAD_STEPS = 512  # decode steps a load is spread over in the ranking: the CLI's default --length
 REBUILT_MARGIN = 0.25  # how much faster a form built on every load (packed) must be: see step_cost
-RANKING = 2  # how rankings are measured; part of the cache key, so that a new way measures again
+RANKING = 3  # how rankings are measured; part of the cache key, so that a new way measures again
 
 Clock = Callable[[], float]
 Layout = tuple[tuple[int, int], bool]  # a weight's (out, in) and whether it is a transposed view of (in, out)
@@ -192,11 +193,11 @@ def measure(kernels: list[Kernel], shape: tuple[int, int], tolerance: float,
             clock: Clock = time.perf_counter, transposed: bool = False) -> Choice:
     """Rank `kernels` for a weight of `shape` (out, in) (`transposed`: stored (in, out)) by the time of a
     decode step plus their packed form's build time over LOAD_STEPS, on fixed random tensors (the weight in
-    copies, ROTATION_BYTES of them, each call reading the next): all at one row,
-    those within SCREEN times the fastest also at the other DECODE_TIMING_ROWS (their mean is the step).
-    Prefill (PREFILL_TIMING_ROWS rows) picks among the kernels of the fastest one's form; other forms get
-    their first kernel. A kernel whose form cannot hold the random weight, that fails, or whose result is
-    off the float64 product by more than `tolerance` of its largest value, is left out."""
+    copies, ROTATION_BYTES of them, each call reading the next): all at one row, those within SCREEN times
+    the fastest also at the other DECODE_TIMING_ROWS (their mean is the step). Prefill (PREFILL_TIMING_ROWS
+    rows) picks, for each form, among the kernels that read it. A kernel whose form cannot hold the random
+    weight, that fails, or whose result is off the float64 product by more than `tolerance` of its largest
+    value, is left out."""
     weight, bias, inputs = _random_operands(shape, transposed)
     x = inputs[DECODE_TIMING_ROWS[-1]]
     exact = torch.nn.functional.linear(x.double(), weight.double(), bias.double())  # (rows, out)
@@ -231,11 +232,11 @@ def measure(kernels: list[Kernel], shape: tuple[int, int], tolerance: float,
     prefill = {}
     for name in ranking:
         prefill.setdefault(by_name[name].form.name, name)
-    if ranking:
-        form = by_name[ranking[0]].form.name
+    for form in prefill:  # every form: a weight the winner's cannot hold takes the next one
         candidates = [by_name[name] for name in ranking if by_name[name].form.name == form]
-        if len(candidates) > 1:
-            times = {k.name: _fastest_call(k, stored[form], inputs[PREFILL_TIMING_ROWS], clock) for k in candidates}
+        if len(candidates) > 1:  # on one copy: hundreds of rows reuse each weight from the core's caches
+            times = {k.name: _fastest_call(k, stored[form][:1], inputs[PREFILL_TIMING_ROWS], clock)
+                     for k in candidates}
             prefill[form] = min(times, key=times.get)
     return Choice(ranking, prefill)
 
@@ -380,7 +381,7 @@ def use_cpu_kernels(model: nn.Module, precision: str, mode: str | None = None,
     if precision == "bfloat16":  # float16's range is too narrow for activations
         model.prompt_dtype = torch.bfloat16
     if calibration:
-        keep_the_contract(model, calibration, dynamic, kernels)
+        keep_the_contract(model, calibration, dynamic, kernels, lambda weight: choices[layout_of(weight)])
     dynamic.clear()  # the replaced weights go before the memory is returned
     return_free_memory()
 

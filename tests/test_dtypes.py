@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from gpt2.checkpoint import load_model
 from gpt2.kernels import float16_fbgemm_available
-from gpt2.quantize import Int8Linear
+from gpt2.quantize import INT8_WEIGHT_ONLY, Int8Linear, int8_kernels
 from gpt2.sample import generate
 
 # Documented in the README: max |logit error| relative to the largest |float32 logit|.
@@ -89,6 +89,11 @@ def test_int8_widened_weight_gives_the_int8_kernels_product():
     product = F.linear(x, widened, layer.bias).float()  # the GPU branch of Int8Linear.forward
     assert kernel.shape == (3, 5, 96)
     assert (product - kernel).abs().max() <= 0.02 * kernel.abs().max()
+    # The CPU's int8 weight-only form, multiplied for a prompt as the GPU does: the same weights, the same product.
+    stored = INT8_WEIGHT_ONLY.build(weight, bias, None)
+    widened_kernel = {k.name: k for k in int8_kernels()}["int8 weight widened to bfloat16"]
+    assert widened_kernel.form is INT8_WEIGHT_ONLY
+    assert torch.equal(widened_kernel.run(x.reshape(15, 64).float(), stored), product.reshape(15, 96))
 
 
 def _assert_stored_as(stored: torch.Tensor, original: torch.Tensor, dtype: torch.dtype) -> None:

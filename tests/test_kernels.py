@@ -68,14 +68,21 @@ def clock() -> FakeClock:
 # measuring
 
 
-def test_measure_ranks_by_decode_time_and_picks_prefill_on_the_winners_form(clock):
+def test_measure_ranks_by_decode_time_and_picks_prefill_on_each_form(clock):
+    """Decode ranks every kernel; prefill takes each form's fastest kernel at PREFILL_TIMING_ROWS, also on a
+    form other than the winner's (where the winner's cannot hold a weight, its product falls back there)."""
+    THIRD = dataclasses.replace(DENSE, name="third form")
     kernels = [fake_kernel(clock, "slow decode, fast prefill", costs(3, 3, 1)),
                fake_kernel(clock, "fast decode", costs(1, 2, 9)),
-               fake_kernel(clock, "other form", costs(2, 2, 0.1), form=TRANSPOSED)]
+               fake_kernel(clock, "other form", costs(2, 2, 5), form=TRANSPOSED),
+               fake_kernel(clock, "other form, fast prefill", costs(5, 5, 0.1), form=TRANSPOSED),
+               fake_kernel(clock, "alone on its form", costs(2.5, 2.5, 1), form=THIRD)]
     choice = measure(kernels, W, 1e-5, clock)
-    assert choice.decode == ("fast decode", "other form", "slow decode, fast prefill")
-    assert choice.prefill == {DENSE.name: "slow decode, fast prefill", TRANSPOSED.name: "other form"}
-    assert ("other form", PREFILL_TIMING_ROWS) not in clock.calls  # another form's prefill is never timed
+    assert choice.decode == ("fast decode", "other form", "alone on its form", "slow decode, fast prefill",
+                             "other form, fast prefill")
+    assert choice.prefill == {DENSE.name: "slow decode, fast prefill", TRANSPOSED.name: "other form, fast prefill",
+                              THIRD.name: "alone on its form"}
+    assert ("alone on its form", PREFILL_TIMING_ROWS) not in clock.calls  # nothing to choose from
 
 
 def test_measure_screens_out_slow_failing_and_inexact_kernels(clock):
@@ -312,7 +319,7 @@ def test_int8_keeps_its_contract_with_activation_outliers(outliers, dynamic_firs
     kernels = gpt2.quantize.int8_kernels()
     if dynamic_first and not int8_dynamic_available():
         pytest.skip("this torch build has no FBGEMM")
-    monkeypatch.setattr(gpt2.quantize, "int8_kernels", lambda: kernels[::-1] if dynamic_first else kernels[:1])
+    monkeypatch.setattr(gpt2.quantize, "int8_kernels", lambda: kernels[1::-1] if dynamic_first else kernels[:1])
     monkeypatch.setattr(gpt2.quantize, "WHOLE_MODEL_ERROR", 1.0)
     exact_model = load_model(outliers)
     model = load_model(outliers, dtype=torch.bfloat16, int8=True, kernels="default")
@@ -341,7 +348,7 @@ def test_int8_with_dynamic_products_keeps_the_contract_on_the_whole_model(wide_o
     takes it back, and on prompts other than the calibration ones (decode steps of one-token prompts) the
     logits stay within 5% of the largest float32 logit, with float32's greedy choice where its margin is clear."""
     kernels = gpt2.quantize.int8_kernels()
-    monkeypatch.setattr(gpt2.quantize, "int8_kernels", lambda: kernels[::-1])
+    monkeypatch.setattr(gpt2.quantize, "int8_kernels", lambda: kernels[1::-1])  # dynamic, weight-only
     exact_model = load_model(wide_outliers, kernels="default")
     model = load_model(wide_outliers, dtype=torch.bfloat16, int8=True, kernels="default")
     ids = torch.randint(0, 50257, (96, 1), generator=torch.Generator().manual_seed(1))
