@@ -55,6 +55,7 @@ def find_weight_file(path: Path) -> Path:
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_SAFETENSORS_INTEGERS = {"I8": torch.int8, "I64": torch.int64}  # gpt2.prepared's int8 forms
 
 
 def _private_map(path: Path, offset: int, length: int) -> tuple[mmap.mmap | bytearray, int]:
@@ -88,7 +89,8 @@ class SafetensorsFile(Mapping[str, Tensor]):
     from it runs, is not supported, as with any mapped file.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, integers: bool = False) -> None:
+        """Refuses tensors other than floats (GPT-2 weights) unless `integers`."""
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt"):  # validation only: raises SafetensorError
@@ -100,11 +102,12 @@ class SafetensorsFile(Mapping[str, Tensor]):
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self._data_start = 8 + size
         self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        dtypes = {**_SAFETENSORS_DTYPES, **_SAFETENSORS_INTEGERS} if integers else _SAFETENSORS_DTYPES
         for key, entry in header.items():
-            if entry["dtype"] not in _SAFETENSORS_DTYPES:
+            if entry["dtype"] not in dtypes:
                 raise GPT2Error(f"{path}: tensor {key} has dtype {entry['dtype']}, not a float: not GPT-2 weights")
             start, end = entry["data_offsets"]
-            self._entries[key] = (_SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), start, end)
+            self._entries[key] = (dtypes[entry["dtype"]], tuple(entry["shape"]), start, end)
 
     def __getitem__(self, key: str) -> Tensor:
         dtype, shape, start, end = self._entries[key]

@@ -153,6 +153,10 @@ class Form:
     # Whether the stored form is plain tensors that gpt2.prepared can keep on disk for later loads (whose
     # build then costs nothing from the second load on); packed forms are opaque and built on every load.
     plain: bool = False
+    # For a form built from a calibration run (int8's): the plain tensors gpt2.prepared keeps of it, and the
+    # form rebuilt from those. None: a later load builds it from the weight.
+    to_kept: Callable[[Stored], Stored] | None = None
+    from_kept: Callable[[Stored], Stored] | None = None
 
 
 @dataclass(frozen=True)

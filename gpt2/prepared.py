@@ -9,7 +9,13 @@ inode), this file format and the torch version; when any differs the file is ign
 A load that uses it skips the checkpoint's finite check, which passed when the file was written. Forms
 that are not plain tensors (oneDNN's and FBGEMM's packed weights) cannot be kept: each load builds them
 again, which the kernel ranking counts (gpt2.tuning), from their input kept here (the weight as the load
-cast it).
+cast it), except those built from a calibration run (int8's), kept as plain tensors they are rebuilt
+from in milliseconds.
+
+An int8 load settles each projection's form by calibrating the float model and checking the int8 one
+against it (gpt2.quantize), seconds of work. The file keeps that outcome with the kernel rankings and the
+limits it was settled under (`outcome`): a later load under the same maps every form and calibrates
+nothing; under others it settles again.
 """
 
 from __future__ import annotations
@@ -26,9 +32,9 @@ from torch import Tensor
 
 from gpt2.kernels import Form, Projection, Stored
 
-FORMAT = "2"
+FORMAT = "3"
 KEEP_FILES = 8  # prepared files kept in the cache, the most recently used: each may be a model's size
-PRECISIONS = ("float32", "bfloat16", "float16")  # int8 forms depend on a calibration run: built on every load
+PRECISIONS = ("float32", "bfloat16", "float16", "int8")
 
 
 def identity(weight_file: Path) -> str:
@@ -60,12 +66,14 @@ class Prepared:
         self._changed = True  # until a valid file is read: even one with no tensors vouches for the check
         self._not_as_next: set[str] = set()  # weights this load gives otherwise than the next one will
         self._transposed: set[str] = set()  # state tensors kept as their transpose (a Conv1D (in, out))
+        self._outcome = ""  # the settings (rankings, limits) the kept forms were settled under, if a load did
         try:
-            stored = SafetensorsFile(self.path)
+            stored = SafetensorsFile(self.path, integers=True)
             meta = stored.metadata
             if meta.get("identity") == self.identity:
                 self._forms = json.loads(meta["forms"])
                 self._transposed = set(json.loads(meta["transposed"]))
+                self._outcome = meta.get("outcome", "")
                 self._tensors = {key: stored[key] for key in stored}
                 self.valid, self._changed = True, False
                 with contextlib.suppress(OSError):  # recently used: kept the longest (see save)
@@ -111,6 +119,9 @@ class Prepared:
         entry = self._forms.get(name)
         if entry is None or entry["form"] != form.name:
             return None
+        if entry.get("rebuilt"):
+            return form.from_kept(tuple(self._tensors.get(f"form:{name}:{index}")
+                                        for index in range(len(entry["parts"]))))
         parts = []
         for index, (kind, transposed) in enumerate(entry["parts"]):
             if kind == "file":
@@ -131,14 +142,11 @@ class Prepared:
         (where it did)."""
         form = projection.decode.form
         same_next_time = name + ".weight" not in self._not_as_next
-        entry = self._forms.get(name)
-        if entry is not None and entry["form"] == form.name:
+        if not self._replaces(name, form):
             return
-        if entry is not None:  # an earlier form, no longer the chosen one
-            del self._forms[name]
-            for key in [key for key in self._tensors if key.startswith(f"form:{name}:")]:
-                del self._tensors[key]
-            self._changed = True
+        if form.to_kept is not None:
+            self._keep_rebuilt(name, projection)
+            return
         if not form.plain:
             if not same_next_time:
                 self._keep(name + ".weight", weight.to(projection.dtype))
@@ -159,6 +167,52 @@ class Prepared:
         self._forms[name] = {"form": form.name, "parts": parts}
         self._changed = True
 
+    def _replaces(self, name: str, form: Form) -> bool:
+        """Whether `form` is new for projection `name`; an earlier other form is dropped."""
+        entry = self._forms.get(name)
+        if entry is not None and entry["form"] == form.name:
+            return False
+        if entry is not None:
+            self._drop_form(name)
+        return True
+
+    def _drop_form(self, name: str) -> None:
+        del self._forms[name]
+        for key in [key for key in self._tensors if key.startswith(f"form:{name}:")]:
+            del self._tensors[key]
+        self._changed = True
+
+    def _keep_rebuilt(self, name: str, projection: Projection) -> None:
+        """Keep a form built from a calibration run as the plain tensors it is rebuilt from (Form.to_kept)."""
+        form = projection.decode.form
+        kept = form.to_kept(projection.stored)
+        held = {tensor.data_ptr() for tensor in self._tensors.values()}  # a bias may be the state tensor kept
+        for index, part in enumerate(kept):
+            if part is not None:
+                part = part.detach()
+                self._tensors[f"form:{name}:{index}"] = part.clone() if part.data_ptr() in held else part
+        self._forms[name] = {"form": form.name, "parts": [("file", False)] * len(kept), "rebuilt": True}
+        self._changed = True
+
+    def outcome(self, settling: str, names: list[str]) -> dict[str, str] | None:
+        """{projection: its form's name} as a load under the same `settling` (kernel rankings and limits)
+        settled them, where this file has every one of `names`; else None, and the forms kept under other
+        settings are dropped."""
+        if self._outcome == settling and all(name in self._forms for name in names):
+            return {name: self._forms[name]["form"] for name in names}
+        for name in list(self._forms):
+            self._drop_form(name)
+        self._outcome = ""
+        return None
+
+    def settle(self, settling: str, projections: dict[str, Projection]) -> None:
+        """Keep the forms these projections (every one of a model, built from a calibration run) settled on,
+        as the outcome of a load under `settling`."""
+        for name, projection in projections.items():
+            if self._replaces(name, projection.decode.form):
+                self._keep_rebuilt(name, projection)
+        self._outcome, self._changed = settling, True
+
     def save(self) -> None:
         """Write the file if this load built anything new: atomically (a reader sees the old file or the new
         one); where it cannot be written, later loads build again."""
@@ -169,7 +223,7 @@ class Prepared:
 
         tensors = {key: tensor.contiguous() for key, tensor in self._tensors.items()}
         metadata = {"identity": self.identity, "forms": json.dumps(self._forms),
-                    "transposed": json.dumps(sorted(self._transposed))}
+                    "transposed": json.dumps(sorted(self._transposed)), "outcome": self._outcome}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".prepared-", suffix=".safetensors")

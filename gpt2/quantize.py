@@ -54,6 +54,12 @@ HEAD_CHUNK_ROWS = 8192  # the float reference logits read the token table this m
 CHECK_TOKENS = 16  # the whole model is checked on the first this-many calibration tokens (a quarter of the cost)
 
 
+def settling_limits() -> list[float]:
+    """The limits an int8 load settles its forms under: an outcome kept under others is settled again."""
+    return [DYNAMIC_ERROR, WEIGHT_ONLY_RATIO, CALIBRATION_TOKENS, SMOOTHING_ALPHA, OUTLIER_RATIO, MAX_OUTLIERS,
+            WHOLE_MODEL_ERROR, CHECK_TOKENS]
+
+
 class Int8Linear(nn.Module):
     """y = x @ (weight_int8 * scales).T + bias, with symmetric per-output-channel scales.
 
@@ -194,11 +200,7 @@ def _dynamic_build(weight: Tensor, bias: Tensor | None, inputs: Tensor | None) -
         w, scale = w * smooth, (1 / smooth).index_fill(0, outliers, 0.0)
     quantized, scales = quantize_rows(w)
     float_bias = None if bias is None else bias.float()
-    with warnings.catch_warnings():  # torch deprecates quantized tensors (they remain FBGEMM's input format)
-        warnings.simplefilter("ignore")
-        qweight = torch._make_per_channel_quantized_tensor(quantized, scales.double(),
-                                                           torch.zeros_like(scales, dtype=torch.long), 0)
-        stored = torch.ops.quantized.linear_prepack(qweight, float_bias), scale, outliers, columns
+    stored = _prepack(quantized, scales, float_bias), scale, outliers, columns
     if inputs is None:
         return stored
     x = inputs.float()
@@ -238,20 +240,48 @@ def _dynamic_run(x: Tensor, stored: Stored) -> Tensor:
 def int8_full_range() -> bool:
     """Whether FBGEMM's dynamic product takes 8-bit activations without saturating its sums: the AVX2 kernel
     adds pairs of products in 16 bits (and torch's quantize_dynamic uses 7 bits for that); VNNI's do not."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qweight = torch._make_per_channel_quantized_tensor(torch.full((8, 64), 127, dtype=torch.int8),
-                                                           torch.full((8,), 1 / 127, dtype=torch.double),
-                                                           torch.zeros(8, dtype=torch.long), 0)
-        packed = torch.ops.quantized.linear_prepack(qweight, None)
+    packed = _prepack(torch.full((8, 64), 127, dtype=torch.int8), torch.full((8,), 1 / 127), None)
     y = torch.ops.quantized.linear_dynamic(torch.ones(1, 64), packed, False)  # x -> 255, sums of 255 * 127
     return bool((y - 64).abs().max() < 0.5)
 
 
+def _prepack(quantized: Tensor, scales: Tensor, bias: Tensor | None) -> object:
+    """FBGEMM's packed form of int8 weights (out, in) with their row scales (out,) and float32 bias."""
+    with warnings.catch_warnings():  # torch deprecates quantized tensors (they remain FBGEMM's input format)
+        warnings.simplefilter("ignore")
+        qweight = torch._make_per_channel_quantized_tensor(quantized, scales.double(),
+                                                           torch.zeros_like(scales, dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(qweight, bias)
+
+
+def _dynamic_to_kept(stored: Stored) -> Stored:
+    """The packed form as plain tensors (gpt2.prepared): int8 values (out, in), their scales, the bias."""
+    packed, scale, outliers, columns = stored
+    qweight, bias = torch.ops.quantized.linear_unpack(packed)
+    return qweight.int_repr(), qweight.q_per_channel_scales(), bias, scale, outliers, columns
+
+
+def _dynamic_from_kept(kept: Stored) -> Stored:
+    quantized, scales, bias, scale, outliers, columns = kept
+    return _prepack(quantized, scales, bias), scale, outliers, columns
+
+
+def _as_it_is(stored: Stored) -> Stored:
+    return stored
+
+
+def _weight_only_from_kept(kept: Stored) -> Stored:
+    """The kept form, its int8 weight copied where the file it is mapped from does not align it to 64 bytes:
+    _weight_int8pack_mm crashes on a weight that is not aligned to 16."""
+    quantized, *rest = kept
+    return quantized if quantized.data_ptr() % 64 == 0 else quantized.clone(), *rest
+
+
 # The probes are looked up when called, so that a test can take them away.
 INT8_WEIGHT_ONLY = Form("int8 weight-only", lambda: int8_weight_only_available(), _weight_only_build,
-                        _weight_only_unpack, 1)
-INT8_DYNAMIC = Form("int8 FBGEMM packed", lambda: int8_dynamic_available(), _dynamic_build, _dynamic_unpack, 1)
+                        _weight_only_unpack, 1, to_kept=_as_it_is, from_kept=_weight_only_from_kept)
+INT8_DYNAMIC = Form("int8 FBGEMM packed", lambda: int8_dynamic_available(), _dynamic_build, _dynamic_unpack, 1,
+                    to_kept=_dynamic_to_kept, from_kept=_dynamic_from_kept)
 
 
 def int8_kernels() -> list[Kernel]:
@@ -281,7 +311,13 @@ class Calibration:
 
 
 def calibrate(model: GPT2LMHeadModel) -> Calibration:
-    """Run the model, as loaded, on random token ids, keeping every projection's inputs and the hidden states."""
+    """Run the model, as loaded, on random token ids, keeping every projection's inputs and the hidden states.
+    A weight given as stored (its form kept by gpt2.prepared under other rankings) is cast first."""
+    dtype = model.transformer.wte.weight.dtype
+    for parent, name in projection_places(model):
+        weight = getattr(parent, name).weight
+        if weight.dtype != dtype:
+            weight.data = weight.data.to(dtype)
     inputs: dict[int, Tensor] = {}
     hooks = [module.register_forward_pre_hook(lambda m, args: inputs.__setitem__(id(m), args[0][0].float()))
              for parent, name in projection_places(model) for module in [getattr(parent, name)]]

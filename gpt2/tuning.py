@@ -346,17 +346,24 @@ def use_cpu_kernels(model: nn.Module, precision: str, mode: str | None = None,
     weights = [getattr(parent, name).weight for parent, name in places] + [wte]
     choices = choices_for(precision, [layout_of(weight) for weight in weights], mode)
     kernels = kernels_for(precision)
-    calibration, head_kernels, dynamic = None, kernels, {}
-    if precision == "int8":
-        from gpt2.quantize import calibrate, for_the_head, keep_the_contract, quantizes_activations
-
-        calibration, head_kernels = calibrate(model), for_the_head(kernels)
-    inputs = calibration.inputs if calibration else {}
-
     names = {id(module): name for name, module in model.named_modules()}
+    calibration, head_kernels, dynamic, settled = None, kernels, {}, None
+    if precision == "int8":
+        from gpt2.quantize import calibrate, for_the_head, keep_the_contract, quantizes_activations, settling_limits
+
+        head_kernels = for_the_head(kernels)
+        settling = json.dumps([settling_limits(), sorted(f"{cache_key(precision, layout)}: {', '.join(choice.decode)}"
+                                                         for layout, choice in choices.items())])
+        wanted = [names[id(getattr(parent, name))] for parent, name in places] + ["lm_head"]
+        settled = prepared.outcome(settling, wanted) if prepared else None
+        if settled is None:
+            calibration = calibrate(model)
+    inputs = calibration.inputs if calibration else {}
 
     def give(name: str, weight: Tensor, bias: Tensor | None, kernels: list[Kernel], inputs: Tensor | None,
              tied: bool = False) -> Projection:
+        if settled is not None:  # an earlier load's int8 outcome under the same settings
+            kernels = [kernel for kernel in kernels if kernel.form.name == settled[name]]
         kept = functools.partial(prepared.form, name, weight=weight, bias=bias) if prepared else None
         new = projection(weight, bias, choices[layout_of(weight)], kernels, dtype, inputs, tied, kept)
         if prepared:
@@ -382,6 +389,9 @@ def use_cpu_kernels(model: nn.Module, precision: str, mode: str | None = None,
         model.prompt_dtype = torch.bfloat16
     if calibration:
         keep_the_contract(model, calibration, dynamic, kernels, lambda weight: choices[layout_of(weight)])
+        if prepared:
+            prepared.settle(settling, {name: module for name, module in model.named_modules()
+                                       if isinstance(module, Projection)})
     dynamic.clear()  # the replaced weights go before the memory is returned
     return_free_memory()
 

@@ -14,10 +14,13 @@ from safetensors.torch import save_file
 
 import gpt2.checkpoint
 import gpt2.prepared
+import gpt2.quantize
+import gpt2.tuning
 from gpt2.checkpoint import SafetensorsFile, load_model
 from gpt2.errors import GPT2Error
-from gpt2.kernels import Projection, kernels_for
+from gpt2.kernels import Projection, int8_dynamic_available, kernels_for
 from gpt2.prepared import Prepared, identity, prepared_file
+from gpt2.quantize import INT8_DYNAMIC, INT8_WEIGHT_ONLY
 
 IDS = torch.tensor([[464, 2068, 7586, 21831, 18045, 625, 262]])
 
@@ -100,11 +103,89 @@ def test_a_corrupt_prepared_file_is_ignored_and_rewritten(tmp_path, monkeypatch)
     assert torch.equal(logits(load_model(tmp_path / "model", dtype=torch.bfloat16)), expected)
 
 
-def test_default_kernels_and_int8_keep_no_prepared_file(tmp_path):
+def test_default_kernels_keep_no_prepared_file(tmp_path):
     weights = write_checkpoint(tmp_path / "model")
     load_model(tmp_path / "model", kernels="default")
-    load_model(tmp_path / "model", dtype=torch.bfloat16, int8=True)
+    load_model(tmp_path / "model", dtype=torch.bfloat16, int8=True, kernels="default")
     assert not any(prepared_file(weights, p).exists() for p in ("float32", "bfloat16", "int8"))
+
+
+def refuse_calibration(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that gets an entry for every calibration run from now on."""
+    runs: list[int] = []
+    calibrate = gpt2.quantize.calibrate
+
+    def counted(model):
+        runs.append(1)
+        return calibrate(model)
+
+    monkeypatch.setattr(gpt2.quantize, "calibrate", counted)
+    return runs
+
+
+@pytest.mark.parametrize("dynamic_first", [False, True])
+def test_a_second_int8_load_maps_the_forms_the_first_settled_on(tmp_path, monkeypatch, dynamic_first):
+    """An int8 load calibrates the float model and checks the int8 one against it (seconds at 124M); a later
+    load under the same kernel rankings maps the forms it settled on, calibrates nothing and checks nothing:
+    the same kernels, the same logits. FBGEMM's packed int8 weights are rebuilt from the int8 values kept."""
+    kernel_cache = tmp_path / "cache"  # rankings of its own, not the session's
+    monkeypatch.setenv("GPT2_PYTORCH_CACHE", str(kernel_cache))
+    write_checkpoint(tmp_path / "model")
+    if dynamic_first:
+        if not int8_dynamic_available():
+            pytest.skip("this torch build has no FBGEMM")
+        for limit, value in (("DYNAMIC_ERROR", 1.0), ("WEIGHT_ONLY_RATIO", float("inf")), ("WHOLE_MODEL_ERROR", 1.0)):
+            monkeypatch.setattr(gpt2.quantize, limit, value)  # every block projection takes the dynamic kernel
+        load_model(tmp_path / "model", dtype=torch.bfloat16, int8=True)
+        cache = json.loads((kernel_cache / "kernels.json").read_text())
+        for entry in cache.values():
+            entry["decode"].sort(key=lambda name: "dynamic" not in name)
+        (kernel_cache / "kernels.json").write_text(json.dumps(cache))
+    first = load_model(tmp_path / "model", dtype=torch.bfloat16, int8=True)
+    dynamic = {name for name, (decode, _) in first.kernel_choices().items() if "dynamic" in decode}
+    assert dynamic == ({name for name in first.kernel_choices() if name != "lm_head"} if dynamic_first else set())
+
+    runs = refuse_calibration(monkeypatch)
+    refuse_finite_check(monkeypatch)
+    second = load_model(tmp_path / "model", dtype=torch.bfloat16, int8=True)
+    assert not runs
+    assert second.kernel_choices() == first.kernel_choices()
+    assert torch.equal(logits(second), logits(first))
+    with torch.no_grad():
+        assert torch.equal(second(IDS[:, :1]), first(IDS[:, :1]))  # a decode-sized product too
+
+
+def test_int8_forms_are_settled_again_under_other_rankings(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2_PYTORCH_CACHE", str(tmp_path / "cache"))
+    write_checkpoint(tmp_path / "model")
+    runs = refuse_calibration(monkeypatch)
+    first = load_model(tmp_path / "model", dtype=torch.bfloat16, int8=True)
+    monkeypatch.setattr(gpt2.tuning, "RANKING", gpt2.tuning.RANKING + 1)  # measured again: other rankings
+    again = load_model(tmp_path / "model", dtype=torch.bfloat16, int8=True)
+    assert len(runs) == 2
+    load_model(tmp_path / "model", dtype=torch.bfloat16, int8=True)
+    assert len(runs) == 2
+    assert torch.equal(logits(again), logits(first))  # the same forms (the same kernels rank first here)
+
+
+def test_int8_forms_come_back_from_their_kept_tensors():
+    """What gpt2.prepared keeps of each int8 form rebuilds it: the same products. A weight-only int8 weight
+    mapped from a file at an address _weight_int8pack_mm cannot read (not 16-byte aligned) is copied."""
+    torch.manual_seed(0)
+    weight, bias, inputs = torch.randn(96, 64) * 0.1, torch.randn(96) * 0.1, torch.randn(32, 64)
+    inputs[:, 3] *= 60  # an outlier dimension
+    x = torch.randn(4, 64)
+    forms = [INT8_WEIGHT_ONLY] + ([INT8_DYNAMIC] if int8_dynamic_available() else [])
+    for form, run in zip(forms, (gpt2.quantize._weight_only_run, gpt2.quantize._dynamic_run)):
+        stored = form.build(weight, bias, inputs)
+        kept = tuple(None if part is None else part.clone() for part in form.to_kept(stored))
+        assert torch.equal(run(x, form.from_kept(kept)), run(x, stored)), form.name
+    quantized, *rest = INT8_WEIGHT_ONLY.to_kept(INT8_WEIGHT_ONLY.build(weight, bias, None))
+    memory = torch.empty(quantized.numel() + 64, dtype=torch.int8)
+    start = (-memory.data_ptr()) % 64 + 8  # 8 bytes past a 64-byte boundary
+    mapped = memory[start:start + quantized.numel()].view_as(quantized).copy_(quantized)
+    rebuilt = INT8_WEIGHT_ONLY.from_kept((mapped, *rest))
+    assert rebuilt[0].data_ptr() % 64 == 0 and torch.equal(rebuilt[0], quantized)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
