@@ -513,10 +513,11 @@ def time_to_first_forward(directory: Path, runs: int, device: str) -> dict[str, 
             for kind, got in samples.items()}
 
 
-def time_loads(directory: Path, runs: int, device: str) -> dict[str, tuple[Stat, Stat]]:
-    """Per dtype (float32, bfloat16): seconds of `load_model(dir, device, dtype)` and of transformers'
-    `from_pretrained(dir, dtype=dtype).to(device)`, in this process, interleaved, after one untimed load
-    of each: the page cache warm and the kernel ranking cached, as from a user's second run on."""
+def time_loads(directory: Path, runs: int, device: str, names: Sequence[str]) -> dict[str, tuple[Stat, Stat]]:
+    """Per setting in `names` (float32, bfloat16, int8): seconds of load_model (load_kwargs) and of
+    transformers' `from_pretrained(dir, dtype=dtype).to(device)` (int8: float32), in this process,
+    interleaved, after one untimed load of each: the page cache warm, the kernel ranking and prepared
+    weights cached, as from a user's second run on."""
     import torch
     import transformers
 
@@ -526,10 +527,9 @@ def time_loads(directory: Path, runs: int, device: str) -> dict[str, tuple[Stat,
         return transformers.GPT2LMHeadModel.from_pretrained(directory, dtype=dtype).to(device)
 
     loads: dict[str, tuple[Stat, Stat]] = {}
-    for name in ("float32", "bfloat16"):
-        dtype = getattr(torch, name)
-        sides = {"ours": functools.partial(load_model, directory, device=device, dtype=dtype),
-                 "transformers": functools.partial(from_pretrained, dtype)}
+    for name in names:
+        sides = {"ours": functools.partial(load_model, directory, device=device, **load_kwargs(name)),
+                 "transformers": functools.partial(from_pretrained, getattr(torch, name.replace("int8", "float32")))}
         seconds: dict[str, list[float]] = {kind: [] for kind in sides}
         for round_ in range(runs + 1):
             for kind, load in sides.items():
@@ -878,9 +878,10 @@ def notes(args: argparse.Namespace, attention: str, extra: list[str], total_s: f
         "transformers `model(ids, use_cache=True, logits_to_keep=1)` (as in generate()). A "
         f"{PREFILL_WARMUP_TOKENS}-token warm-up per side is excluded; the prompt is {PREFILL_TOKENS} tokens "
         f"unless a side's warm-up rate says a run would exceed {args.max_run_seconds:g} s (Setting column).",
-        "Load: seconds of `load_model(dir, device, dtype)` and of `GPT2LMHeadModel.from_pretrained(dir, "
-        "dtype=dtype).to(device)` in this process, interleaved, after one untimed load of each (page cache warm, "
-        "kernel ranking cached: a user's second run on).",
+        "Load: seconds of `load_model(dir, device, dtype)` (int8: `dtype=torch.bfloat16, int8=True`) and of "
+        "`GPT2LMHeadModel.from_pretrained(dir, dtype=dtype).to(device)` (int8: float32) in this process, "
+        "interleaved, after one untimed load of each (page cache warm, kernel ranking and prepared weights "
+        "cached: a user's second run on).",
         "Process start to first forward: parent's time.time() just before spawning a fresh Python, to the end "
         f"of one {PROMPT_TOKENS}-token forward after `load_model(dir)` / `GPT2LMHeadModel.from_pretrained(dir)` "
         "(float32); peak RSS = the child's VmHWM from /proc/self/status (ru_maxrss would carry the parent's "
@@ -1002,9 +1003,11 @@ def benchmark(args: argparse.Namespace, directory: Path, started: float) -> str:
     log("bench: loading, from the second load on")
     sizes = [("124M", directory)] + ([("gpt2-xl shape", xl_model_dir())] if args.xl else [])
     for size, where in sizes:
-        for name, (mine, theirs) in time_loads(where, args.runs, device).items():
-            rows.append(Row("load, s (lower is better)", f"{size}, {name}, load_model · from_pretrained, "
-                            "second load on", mine, theirs, 3))
+        names = ("float32", "bfloat16", "int8") if where == directory else ("float32", "bfloat16")
+        for name, (mine, theirs) in time_loads(where, args.runs, device, names).items():
+            theirs_dtype = " (transformers float32)" if name == "int8" else ""
+            rows.append(Row("load, s (lower is better)", f"{size}, {name}{theirs_dtype}, load_model · "
+                            "from_pretrained, second load on", mine, theirs, 3))
     log("bench: process start to first forward (fresh processes)")
     fresh = time_to_first_forward(directory, args.runs, device)
     rows.append(Row("process start → end of first forward, s", "float32, load from the saved directory",
