@@ -307,8 +307,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     `int8` stores the projection and LM-head weights as int8 (gpt2.quantize), `dtype` the rest. On CPU the
     products run on kernels chosen by timing them on this machine (gpt2.tuning; `kernels` is its mode,
     "cached", "tune" or "default"): 16-bit models keep their weights' values (with float32 activations but
-    for a bfloat16 model's prompts), int8 ones keep the int8 contract. model.kernel_choices() names them. Elsewhere they are F.linear in
-    `dtype` (int8: weights widened per product).
+    for a bfloat16 model's prompts), int8 ones keep the int8 contract. model.kernel_choices() names them.
+    Elsewhere they are F.linear in `dtype` (int8: weights widened per product).
 
     The config comes from a config.json beside the weights when there is one, else from tensor shapes.
     The model is built on the meta device and takes the loaded tensors as they are (assign=True), so

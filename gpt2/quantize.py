@@ -312,7 +312,7 @@ class Calibration:
 
 def calibrate(model: GPT2LMHeadModel) -> Calibration:
     """Run the model, as loaded, on random token ids, keeping every projection's inputs and the hidden states.
-    A weight given as stored (its form kept by gpt2.prepared under other rankings) is cast first."""
+    A weight given as stored (its form kept by gpt2.prepared under other settings) is cast first."""
     dtype = model.transformer.wte.weight.dtype
     for parent, name in projection_places(model):
         weight = getattr(parent, name).weight

@@ -338,7 +338,8 @@ def use_cpu_kernels(model: nn.Module, precision: str, mode: str | None = None,
 
     `precision` is the loaded dtype's name or "int8" (int8 weights, after a calibration run: see
     gpt2.quantize). In mode "cached" the first load on a machine measures for at most a few seconds.
-    `prepared` (gpt2.prepared) gives the forms an earlier load kept, and keeps those built now."""
+    `prepared` (gpt2.prepared) gives the forms an earlier load kept, and keeps those built now; for int8,
+    every form an earlier load settled on under the same rankings and limits, and nothing is calibrated."""
     mode = kernels_mode(mode)
     places = projection_places(model)
     wte = model.transformer.wte.weight
