@@ -132,9 +132,9 @@ class GPT2LMHeadModel(nn.Module):
         # a copy in its kernel's form) here, off the CPU gpt2.quantize an int8 copy.
         self.lm_head: nn.Module | None = None
         self._register_state_dict_hook(_in_loaded_dtype)
-        # A CPU bfloat16 model's (tuning.use_cpu_kernels) attention and products run in bfloat16 where they
-        # have more than DECODE_ROWS rows (a prompt), as fast as its weights' kernels allow; decode steps of
-        # up to DECODE_ROWS rows, the residual stream, layer norms, KV caches and logits stay float32.
+        # A CPU bfloat16 model's (tuning.use_cpu_kernels) prompt, of more than one token and more than
+        # DECODE_ROWS rows, runs its attention and products in bfloat16, as fast as its weights' kernels allow;
+        # decode steps (of any batch), the residual stream, layer norms, KV caches and logits stay float32.
         self.prompt_dtype: torch.dtype | None = None
         self._kv_caches: list[KVCache] = []  # storage for setup_caches, kept between generations
 
@@ -234,7 +234,7 @@ class GPT2LMHeadModel(nn.Module):
         x = self.transformer.wte(idx) + self.transformer.wpe(position_ids)  # (B, T, n_embd)
         keys = self._kv_caches[0].slots if isinstance(start, Tensor) else start + T
         mask = self._attention_mask(start, T, keys, key_valid, device)
-        dtype = self.prompt_dtype if self.prompt_dtype and B * T > DECODE_ROWS else x.dtype
+        dtype = self.prompt_dtype if self.prompt_dtype and T > 1 and B * T > DECODE_ROWS else x.dtype
         for block in self.transformer.h:
             x = block(x, start, mask, dtype)
         return x

@@ -136,20 +136,23 @@ def test_cpu_16_bit_model_keeps_the_dtypes_values_with_float32_activations(check
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
 def test_a_cpu_bfloat16_models_prompt_computes_in_bfloat16_and_its_decode_steps_in_float32(checkpoint, dtype_name):
     """A prompt (more than DECODE_ROWS rows) runs a bfloat16 model's attention and products in bfloat16, as
-    transformers' bfloat16 model does, on its float32 residual stream; decode steps, KV caches and logits
-    are float32. float16's narrow range keeps its prompts in float32."""
+    transformers' bfloat16 model does, on its float32 residual stream; decode steps (of any batch), KV caches
+    and logits are float32. float16's narrow range keeps its prompts in float32."""
     model = _model(checkpoint, dtype_name)
     block, seen = model.transformer.h[1], []
     hooks = [block.attn.c_attn.register_forward_hook(lambda m, args, out: seen.append(("c_attn out", out.dtype))),
              block.mlp.c_fc.register_forward_pre_hook(lambda m, args: seen.append(("c_fc in", args[0].dtype)))]
     try:
         steps = list(generate(model, [list(range(464, 476))], 2, temperature=0))  # a prefill, a decode step
+        seen.append("nine rows, one token each")
+        list(generate(model, [[464]] * 9, 2, temperature=0))  # decode-step shapes, more than DECODE_ROWS rows
     finally:
         for hook in hooks:
             hook.remove()
     prompt = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
     assert seen == [("c_attn out", prompt), ("c_fc in", prompt),
-                    ("c_attn out", torch.float32), ("c_fc in", torch.float32)]
+                    ("c_attn out", torch.float32), ("c_fc in", torch.float32), "nine rows, one token each",
+                    *[("c_attn out", torch.float32), ("c_fc in", torch.float32)] * 2]
     assert len(steps) == 2 and all(cache.k.dtype == torch.float32 for cache in model.kv_caches())
     with torch.inference_mode():
         assert model(torch.arange(12).unsqueeze(0)).dtype == torch.float32
