@@ -115,13 +115,12 @@ class Prepared:
 
     def form(self, name: str, form: Form, weight: Tensor, bias: Tensor | None) -> Stored | None:
         """The stored form of projection `name` if this file has it in `form`, else None. `weight` and `bias`
-        are the load's own, which a form made of them refers to."""
+        are the load's own, which a plain form made of them refers to."""
         entry = self._forms.get(name)
         if entry is None or entry["form"] != form.name:
             return None
-        if entry.get("rebuilt"):
-            return form.from_kept(tuple(self._tensors.get(f"form:{name}:{index}")
-                                        for index in range(len(entry["parts"]))))
+        if "kept" in entry:  # rebuilt from the tensors Form.to_kept gave (None: not kept)
+            return form.from_kept(tuple(self._tensors.get(f"form:{name}:{index}") for index in range(entry["kept"])))
         parts = []
         for index, (kind, transposed) in enumerate(entry["parts"]):
             if kind == "file":
@@ -137,9 +136,10 @@ class Prepared:
     def keep_form(self, name: str, projection: Projection, weight: Tensor, bias: Tensor | None) -> None:
         """Keep projection `name`'s form if it is plain tensors. A part that is the bias's own memory, or the
         weight's where the next load gives the same weight (the checkpoint's own tensor, or a converted one
-        this file keeps), is recorded as such (the bias always comes as stored or from this file). A packed
-        form is built again by every load: what is kept then is its input, the weight as this load cast it
-        (where it did)."""
+        this file keeps), is recorded as such (the bias always comes as stored or from this file). A form built
+        from a calibration run is kept as the tensors it is rebuilt from (Form.to_kept). Another packed form
+        is built again by every load: what is kept then is its input, the weight as this load cast it (where
+        it did)."""
         form = projection.decode.form
         same_next_time = name + ".weight" not in self._not_as_next
         if not self._replaces(name, form):
@@ -191,7 +191,7 @@ class Prepared:
             if part is not None:
                 part = part.detach()
                 self._tensors[f"form:{name}:{index}"] = part.clone() if part.data_ptr() in held else part
-        self._forms[name] = {"form": form.name, "parts": [("file", False)] * len(kept), "rebuilt": True}
+        self._forms[name] = {"form": form.name, "kept": len(kept)}
         self._changed = True
 
     def outcome(self, settling: str, names: list[str]) -> dict[str, str] | None:
