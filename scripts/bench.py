@@ -956,25 +956,42 @@ def prefill_rows(ours: dict[str, nn.Module], hf: dict[str, nn.Module], runs: int
 LLAMA_TYPES = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0"}
 
 
-def llamacpp_rows(directory: Path, decode: list[Row], prefill: list[Row], extra: list[str]) -> list[Row]:
-    """llama.cpp's llama-bench on the same checkpoint (scripts/llamacpp_peer.py) beside our batch-1 decode
-    and prefill of the matching format, at our thread count."""
+def llamacpp_rows(directory: Path, ours: dict[str, nn.Module], prompt: list[int], runs: int,
+                  extra: list[str]) -> list[Row]:
+    """llama.cpp's llama-bench on the same checkpoint (scripts/llamacpp_peer.py) beside our batch-1 decode of
+    as many new tokens and prefill of as long a prompt, in the matching format, at our thread count. The two
+    take turns, one run each: ours is timed again here, just before each llama-bench run."""
     import torch
-    from llamacpp_peer import llamacpp_results
+    from llamacpp_peer import DECODE_KEY, GEN_TOKENS, PREFILL_KEY, llamacpp_results
+    from llamacpp_peer import PROMPT_TOKENS as PEER_PROMPT_TOKENS
 
     threads = torch.get_num_threads()
-    peer = llamacpp_results(directory, threads, tuple(LLAMA_TYPES.values()), log=log)
-    extra += [f"llama.cpp: {peer.build}; `llama-bench -t {threads} -p 512 -n 128` on the checkpoint converted by "
-              "its `convert_hf_to_gguf.py`; decode against its tg128, prefill against its pp512.", *peer.notes]
+    ids = torch.randint(0, 50257, (1, PEER_PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
+    dtype_of = {outtype: dtype for dtype, outtype in LLAMA_TYPES.items() if dtype in ours}
+    mine: dict[str, dict[str, list[float]]] = {}
+
+    def turn(outtype: str) -> None:
+        model = ours[dtype_of[outtype]]
+        got = mine.setdefault(outtype, {DECODE_KEY: [], PREFILL_KEY: []})
+        torch.manual_seed(len(got[DECODE_KEY]) + 1)
+        got[DECODE_KEY].append(time_ours(model, prompt, 1, GEN_TOKENS).tokens_per_s)
+        got[PREFILL_KEY].append(PEER_PROMPT_TOKENS / prefill_seconds(prefill_ours, model, ids))
+
+    peer = llamacpp_results(directory, threads, tuple(dtype_of), log=log, repetitions=runs, turn=turn)
+    extra += [f"llama.cpp: {peer.build}; `llama-bench -t {threads} -p {PEER_PROMPT_TOKENS} -n {GEN_TOKENS} -r 1` "
+              "on the checkpoint converted by its `convert_hf_to_gguf.py`, once per round, taking turns with ours "
+              f"(timed again just before it: {GEN_TOKENS} new tokens after the {PROMPT_TOKENS}-token prompt against "
+              f"its tg{GEN_TOKENS}, a {PEER_PROMPT_TOKENS}-token prefill against its pp{PEER_PROMPT_TOKENS}).",
+              *peer.notes]
     rows = []
-    for ours_rows, test, measure in ((decode, "tg128", "decode tok/s vs llama.cpp"),
-                                     (prefill, "pp512", "prefill tok/s vs llama.cpp")):
-        for dtype, outtype in LLAMA_TYPES.items():
-            mine = next((r for r in ours_rows if r.setting.startswith(f"batch 1, {dtype},")), None)
-            theirs = peer.stats.get(outtype, {}).get(test)
-            if mine is not None and mine.ours is not None and theirs is not None:
-                rows.append(Row(measure, f"ours {dtype} · llama.cpp {outtype} {test}", mine.ours,
-                                Stat(tuple(theirs.values)), 1 if test == "tg128" else 0))
+    for key, measure, setting, digits in (
+            (DECODE_KEY, "decode tok/s vs llama.cpp", f"batch 1, {GEN_TOKENS} new tokens", 1),
+            (PREFILL_KEY, "prefill tok/s vs llama.cpp", f"{PEER_PROMPT_TOKENS}-token prompt", 0)):
+        for outtype, dtype in dtype_of.items():
+            theirs = peer.stats.get(outtype, {}).get(key)
+            if theirs is not None and mine.get(outtype, {}).get(key):
+                rows.append(Row(measure, f"{setting}, ours {dtype} · llama.cpp {outtype} {key}",
+                                Stat(tuple(mine[outtype][key])), theirs, digits))
     return rows
 
 
@@ -995,10 +1012,10 @@ def benchmark(args: argparse.Namespace, directory: Path, started: float) -> str:
     log(f"bench: prefill of up to {PREFILL_TOKENS} tokens")
     prefill = prefill_rows(ours, hf, args.runs, args.max_run_seconds, device)
     rows += prefill
-    del ours, hf, settings
     if args.peer == "llama.cpp":
-        log("bench: llama.cpp (llama-bench; built and converted once, cached)")
-        rows += llamacpp_rows(directory, rows, prefill, extra)
+        log("bench: llama.cpp (llama-bench; built and converted once, cached), taking turns with ours")
+        rows += llamacpp_rows(directory, ours, prompt, args.runs, extra)
+    del ours, hf, settings
 
     log("bench: loading, from the second load on")
     sizes = [("124M", directory)] + ([("gpt2-xl shape", xl_model_dir())] if args.xl else [])

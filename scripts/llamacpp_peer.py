@@ -387,9 +387,9 @@ def record_commit(binary: Path, records: list[dict]) -> None:
         (binary.parent / "commit").write_text(f"b{number} ({commit})" if known else "(commit not recorded)")
 
 
-def measure(binary: Path, gguf: Path, threads: int, repetitions: int) -> dict[str, Stat]:
-    """Prefill and decode tokens/s of one GGUF file, one value per llama-bench repetition."""
-    records = llama_bench(binary, gguf, threads, PROMPT_TOKENS, GEN_TOKENS, repetitions)
+def measure(binary: Path, gguf: Path, threads: int) -> dict[str, Stat]:
+    """Prefill and decode tokens/s of one GGUF file in one llama-bench run (one repetition, after its warm-up)."""
+    records = llama_bench(binary, gguf, threads, PROMPT_TOKENS, GEN_TOKENS, 1)
     record_commit(binary, records)
     stats = {}
     for record in records:
@@ -416,8 +416,12 @@ def prepare(model_dir: Path, outtypes: Sequence[str], log: Log, result: PeerResu
 
 
 def llamacpp_results(model_dir: Path, threads: int, outtypes: Sequence[str] = OUTTYPES, log: Log = print,
-                     repetitions: int = REPETITIONS) -> PeerResults:
+                     repetitions: int = REPETITIONS, turn: Callable[[str], None] | None = None) -> PeerResults:
     """llama-bench's prefill (pp512) and decode (tg128) tokens/s on `model_dir`, per outtype, at `threads`.
+
+    Each repetition is a llama-bench run of its own (`-r 1`), the outtypes taking turns, and `turn(outtype)`
+    is called just before each: a caller times its own matching run there (bench.py does), so that a burst of
+    load on a shared machine hits both sides alike instead of one side's whole series.
 
     Never raises for the peer's own failures: what could not be measured is left out, with a note.
     """
@@ -427,12 +431,22 @@ def llamacpp_results(model_dir: Path, threads: int, outtypes: Sequence[str] = OU
     except (PeerError, OSError, subprocess.SubprocessError, ValueError) as error:
         result.notes.append(f"llama.cpp not measured: {error}")
         return result
-    for outtype, gguf in ggufs.items():
-        log(f"llama.cpp: llama-bench {outtype}, {threads} threads, {repetitions} runs")
-        try:
-            result.stats[outtype] = measure(binary, gguf, threads, repetitions)
-        except (PeerError, ValueError, KeyError) as error:
-            result.notes.append(f"llama.cpp {outtype} not measured: {error}")
+    values: dict[str, dict[str, list[float]]] = {}
+    for run in range(1, repetitions + 1):
+        for outtype, gguf in ggufs.items():
+            if outtype in values and not values[outtype]:  # failed before: not run again
+                continue
+            log(f"llama.cpp: run {run}/{repetitions}, llama-bench {outtype}, {threads} threads")
+            if turn is not None:
+                turn(outtype)
+            try:
+                for key, stat in measure(binary, gguf, threads).items():
+                    values.setdefault(outtype, {}).setdefault(key, []).extend(stat.values)
+            except (PeerError, ValueError, KeyError) as error:
+                result.notes.append(f"llama.cpp {outtype} not measured: {error}")
+                values[outtype] = {}
+    result.stats = {outtype: {key: Stat(tuple(got)) for key, got in keys.items()}
+                    for outtype, keys in values.items() if keys}
     result.build = describe(binary)
     return result
 
