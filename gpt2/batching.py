@@ -49,8 +49,9 @@ def resolve_length(requested: int | None, prompt_tokens: int, n_ctx: int) -> int
     if requested is None:
         return min(n_ctx // 2, room)
     if requested > room:
-        raise UsageError(f"--length {requested} does not fit: the prompt is {prompt_tokens} tokens and the "
-                         f"window {n_ctx}; use --length {room} or less")
+        tokens = f"{prompt_tokens} token{'s' if prompt_tokens != 1 else ''}"
+        raise UsageError(f"--length {requested} does not fit: the prompt is {tokens} and the window {n_ctx}; "
+                         f"use --length {room} or less")
     return requested
 
 

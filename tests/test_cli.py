@@ -239,7 +239,9 @@ def test_default_length_shrinks_to_fit_a_long_prompt(cli, weights: Path, lib: Li
 def test_length_that_does_not_fit_the_window(cli, weights: Path) -> None:
     proc = cli("--model", str(weights), "--text", "Hello world", "--length", "64", "--quiet")
     line = assert_fails(proc, 2, "--length 64")
-    assert "does not fit" in line and "--length 62" in line  # the prompt is 2 tokens
+    assert "does not fit: the prompt is 2 tokens" in line and "--length 62" in line
+    line = assert_fails(cli("--model", str(weights), "--text", "Hello", "--length", "64", "--quiet"), 2, "--length 64")
+    assert "the prompt is 1 token and" in line and "--length 63" in line
 
 
 def test_unknown_model_name(cli) -> None:
