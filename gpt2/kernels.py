@@ -37,10 +37,11 @@ FLOAT16_MAX = 65504.0
 
 
 @functools.cache
-def onednn_linear_available() -> bool:
-    """Whether this torch build has oneDNN's linear op (x86 and most CPU builds do)."""
-    return _runs(lambda: torch.ops.mkldnn._linear_pointwise(torch.ones(1, 1), torch.ones(1, 1), None, "none",
-                                                           [None], ""))
+def onednn_linear_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this torch build and CPU run oneDNN's linear op on `dtype`: x86 builds do for float32, and for
+    16-bit types where the CPU has AVX-512 or newer (an AVX2-only CPU has no oneDNN bfloat16 product)."""
+    ones = torch.ones(1, 1, dtype=dtype)
+    return _runs(lambda: torch.ops.mkldnn._linear_pointwise(ones, ones, None, "none", [None], ""))
 
 
 def _runs(probe: Callable[[], Any]) -> bool:
@@ -104,8 +105,10 @@ def row_pieces(rows: int) -> list[int]:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear(x, weight, bias) through oneDNN on CPU (which also takes a packed weight, pack_weight), in
-    row_pieces; F.linear where oneDNN is missing or the tensors are elsewhere."""
-    if not weight.is_mkldnn and (x.device.type != "cpu" or not onednn_linear_available() or not weight.is_contiguous()):
+    row_pieces; F.linear where oneDNN is missing, has no product for the weight's dtype on this CPU, or the
+    tensors are elsewhere."""
+    if not weight.is_mkldnn and (x.device.type != "cpu" or not weight.is_contiguous()
+                                 or not onednn_linear_available(weight.dtype)):
         return F.linear(x, weight, bias)  # which also reads a transposed view as it is
     rows = x.numel() // x.size(-1)
     pieces = row_pieces(rows)
@@ -228,7 +231,8 @@ def float_kernels(dtype: torch.dtype) -> list[Kernel]:
     takes = (torch.float32,) if dtype == torch.float32 else (torch.float32, dtype)
     kernels = [Kernel(f"{_short(dtype)} F.linear", dense, _in(dtype)(F.linear), takes),
                Kernel(f"{_short(dtype)} mv", dense, _in(dtype)(_matvec), takes),
-               Kernel(f"{_short(dtype)} oneDNN", dense, _in(dtype)(linear), takes),
+               *([Kernel(f"{_short(dtype)} oneDNN", dense, _in(dtype)(linear), takes)]
+                 if onednn_linear_available(dtype) else []),  # without it `linear` is F.linear
                Kernel(f"{_short(dtype)} oneDNN packed", packed, _in(dtype)(linear), takes)]
     if dtype == torch.float32:  # and transformers' own product, on the Conv1D layout
         return [*kernels, Kernel("float32 x @ w", _transposed_form(dtype), _addmm)]

@@ -9,6 +9,9 @@ preset's head geometry at a small depth, and left-padded batches against the sam
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -240,6 +243,41 @@ def test_linear_matches_f_linear(rows, with_bias, packed):
     ref = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
     assert out.shape == (1, rows, 2305) and out.dtype == torch.float32
     assert max_diff(out, ref) < 1e-4
+
+
+AVX2_ONLY_SCRIPT = """
+import torch
+from gpt2.config import GPT2Config
+from gpt2.kernels import kernels_for, onednn_linear_available
+from gpt2.model import GPT2LMHeadModel
+
+torch.manual_seed(0)
+model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=32, n_embd=64, n_layer=2, n_head=4)).bfloat16()
+ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
+with torch.inference_mode():
+    logits = model(ids).float()  # the projections' and the tied head's contiguous bfloat16 weights, via `linear`
+    for module in model.modules():  # the same products by F.linear
+        if isinstance(module, torch.nn.Linear):
+            module.forward = lambda x, m=module: torch.nn.functional.linear(x, m.weight, m.bias)
+    model.lm_head = torch.nn.Linear(64, 300, bias=False).bfloat16()
+    model.lm_head.weight = model.transformer.wte.weight
+    reference = model(ids).float()
+print(onednn_linear_available(torch.bfloat16), torch.equal(logits, reference),
+      sorted(k.name for k in kernels_for("bfloat16") if "oneDNN" in k.name))
+"""
+
+
+def test_without_onednn_16_bit_products_a_bfloat16_model_uses_f_linear(tmp_path):
+    """An AVX2-only CPU's oneDNN has no bfloat16 product (ONEDNN_MAX_CPU_ISA=AVX2 makes this one such a CPU): a
+    plain bfloat16 model's products fall back to F.linear instead of raising, and the tuner offers no oneDNN
+    bfloat16 kernel."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    proc = subprocess.run([sys.executable, "-c", AVX2_ONLY_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    if proc.stdout.startswith("True"):
+        pytest.skip("this oneDNN build does not take ONEDNN_MAX_CPU_ISA")
+    assert proc.stdout.split() == ["False", "True", "[]"]
 
 
 def test_row_pieces_add_up_to_few_shapes():
