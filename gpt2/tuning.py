@@ -64,6 +64,12 @@ LOAD_STEPS = 512  # decode steps a load is spread over in the ranking: the CLI's
 REBUILT_MARGIN = 0.25  # how much faster a form built on every load (packed) must be: see step_cost
 RANKING = 3  # how rankings are measured; part of the cache key, so that a new way measures again
 
+# The instruction sets that decide which kernels win: part of the ranking's key, named in benchmark tables.
+KERNEL_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16",
+                "amx_int8", "asimd", "sve")
+# Environment variables that keep torch's, oneDNN's or MKL's kernels to fewer instruction sets (read only).
+ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
 Clock = Callable[[], float]
 Layout = tuple[tuple[int, int], bool]  # a weight's (out, in) and whether it is a transposed view of (in, out)
 clock_for_timing: Clock = time.perf_counter  # what timing reads when no clock is passed (a test's fake one)
@@ -95,22 +101,39 @@ def kernels_mode(mode: str | None) -> str:
     return chosen
 
 
-def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux), else what the platform says."""
+@functools.cache
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    return fields
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what the platform says."""
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_description() -> str:
+    """The CPU's model name and which of KERNEL_FLAGS it has: a virtual machine's generic model name ("Intel
+    Xeon Processor") may come with or without AVX-512 or AMX."""
+    flags = set(_cpuinfo().get("flags", "").split()) | set(_cpuinfo().get("Features", "").split())
+    return f"{cpu_name()} ({' '.join(f for f in KERNEL_FLAGS if f in flags) or 'flags unknown'})"
 
 
 def cache_key(precision: str, layout: Layout) -> str:
-    """What a measurement depends on: CPU, threads, torch build, precision, the weight's (out, in) and
+    """What a measurement depends on: CPU and its instruction sets (as the hardware has them and as torch and
+    ISA_VARIABLES let the kernels use them), threads, torch build, precision, the weight's (out, in) and
     whether it is stored (in, out) (a Conv1D weight as loaded), and how it is measured."""
     (out_features, in_features), transposed = layout
-    return (f"{cpu_name()} | threads {torch.get_num_threads()} | torch {torch.__version__} | {precision} | "
+    limits = "".join(f"; {name}={os.environ[name]}" for name in ISA_VARIABLES if os.environ.get(name))
+    return (f"{cpu_description()}; ATen {torch.backends.cpu.get_cpu_capability()}{limits} | threads "
+            f"{torch.get_num_threads()} | torch {torch.__version__} | {precision} | "
             f"{out_features}x{in_features}{' stored (in, out)' if transposed else ''} | ranking {RANKING}")
 
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llamacpp_peer import Stat, cpuinfo_field  # standard library only, like this module
+from llamacpp_peer import Stat  # standard library only, like this module
 
 if TYPE_CHECKING:
     import torch
@@ -747,25 +747,14 @@ def memory_bandwidth(device: str, runs: int = 7) -> Stat:
     return Stat(tuple(rates))
 
 
-# The instruction sets that decide which kernels win, named beside the CPU in every table.
-KERNEL_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16",
-                "amx_int8", "asimd", "sve")
-
-
-def cpu_line() -> str:
-    """The CPU's model name and the flags of KERNEL_FLAGS it has."""
-    from gpt2.tuning import cpu_name
-
-    flags = set(cpuinfo_field("flags").split()) | set(cpuinfo_field("Features").split())
-    return f"{cpu_name()} ({' '.join(f for f in KERNEL_FLAGS if f in flags) or 'flags unknown'})"
-
-
 def machine_line(bandwidth: Stat, device: str) -> str:
     import torch
     import transformers
 
+    from gpt2.tuning import cpu_description
+
     gpu = f"GPU {torch.cuda.get_device_name()} (all timed work runs there), " if device == "cuda" else ""
-    return (f"Machine: {gpu}{cpu_line()}, {os.cpu_count()} CPUs, torch.get_num_threads() = "
+    return (f"Machine: {gpu}{cpu_description()}, {os.cpu_count()} CPUs, torch.get_num_threads() = "
             f"{torch.get_num_threads()}, torch {torch.__version__}, transformers {transformers.__version__}, "
             f"Python {platform.python_version()}; streaming read bandwidth of the {device} "
             f"{bandwidth.cell(1)} GB/s.")
