@@ -133,8 +133,8 @@ class GPT2LMHeadModel(nn.Module):
         # a copy in its kernel's form) here, off the CPU gpt2.quantize an int8 copy.
         self.lm_head: nn.Module | None = None
         self._register_state_dict_hook(_in_loaded_dtype)
-        # A CPU bfloat16 model's (tuning.use_cpu_kernels) prompt, of more than one token and more than
-        # DECODE_ROWS rows, runs its attention and products in bfloat16, as fast as its weights' kernels allow;
+        # A CPU bfloat16 model's (tuning.use_cpu_kernels, where the CPU multiplies bfloat16 natively) prompt, of more
+        # than one token and more than DECODE_ROWS rows, runs its attention and products in bfloat16;
         # decode steps (of any batch), the residual stream, layer norms, KV caches and logits stay float32.
         self.prompt_dtype: torch.dtype | None = None
         self._kv_caches: list[KVCache] = []  # storage for setup_caches, kept between generations

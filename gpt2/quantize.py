@@ -171,12 +171,14 @@ def _weight_only_run(x: Tensor, stored: Stored) -> Tensor:
     return _with_outliers(y, x, outliers, columns)
 
 
-def _widened_run(x: Tensor, stored: Stored) -> Tensor:
-    """The weight-only form's product as a GPU runs it (Int8Linear.dequantized): the weight widened to
-    bfloat16, then torch's 16-bit product. Widening costs a pass over the weight, which a prompt's hundreds
-    of rows repay: there _weight_int8pack_mm is several times slower than the 16-bit product."""
+def _widened_run(x: Tensor, stored: Stored, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """The weight-only form's product as a GPU runs it (Int8Linear.dequantized): the weight widened to `dtype`,
+    then torch's product in it. Widening costs a pass over the weight, which a prompt's hundreds of rows repay:
+    there _weight_int8pack_mm is several times slower than the 16-bit product, and on a CPU without native
+    bfloat16 (AVX2 only) so is the 16-bit product than the float32 one."""
     quantized, scales, bias, outliers, columns = stored
-    y = F.linear(x.to(torch.bfloat16), widen(quantized, scales), bias).float()  # (rows, out)
+    bias = None if bias is None else bias.to(dtype)
+    y = F.linear(x.to(dtype), widen(quantized, scales.to(dtype)), bias).float()  # (rows, out)
     return _with_outliers(y, x, outliers, columns)
 
 
@@ -288,7 +290,9 @@ def int8_kernels() -> list[Kernel]:
     """int8's candidates, the one to use without measuring first (it quantizes no activations)."""
     return [Kernel("int8 weight x bfloat16 (_weight_int8pack_mm)", INT8_WEIGHT_ONLY, _weight_only_run),
             Kernel("int8 dynamic (FBGEMM)", INT8_DYNAMIC, _dynamic_run),
-            Kernel("int8 weight widened to bfloat16", INT8_WEIGHT_ONLY, _widened_run)]
+            Kernel("int8 weight widened to bfloat16", INT8_WEIGHT_ONLY, _widened_run),
+            Kernel("int8 weight widened to float32", INT8_WEIGHT_ONLY,
+                   functools.partial(_widened_run, dtype=torch.float32))]
 
 
 def for_the_head(kernels: list[Kernel]) -> list[Kernel]:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from gpt2.checkpoint import load_model
-from gpt2.kernels import float16_fbgemm_available
+from gpt2.kernels import float16_fbgemm_available, onednn_linear_available
 from gpt2.quantize import INT8_WEIGHT_ONLY, Int8Linear, int8_kernels
 from gpt2.sample import generate
 
@@ -94,6 +94,13 @@ def test_int8_widened_weight_gives_the_int8_kernels_product():
     widened_kernel = {k.name: k for k in int8_kernels()}["int8 weight widened to bfloat16"]
     assert widened_kernel.form is INT8_WEIGHT_ONLY
     assert torch.equal(widened_kernel.run(x.reshape(15, 64).float(), stored), product.reshape(15, 96))
+    # Widened to float32 instead (a CPU without native bfloat16): the int8 values times their (bfloat16) scales,
+    # in a float32 product.
+    float32_kernel = {k.name: k for k in int8_kernels()}["int8 weight widened to float32"]
+    rows = torch.randn(15, 64)
+    exact32 = layer.weight.float() * layer.scales.float()[:, None]
+    assert float32_kernel.form is INT8_WEIGHT_ONLY
+    assert torch.allclose(float32_kernel.run(rows, stored), F.linear(rows, exact32, layer.bias.float()), atol=1e-6)
 
 
 def _assert_stored_as(stored: torch.Tensor, original: torch.Tensor, dtype: torch.dtype) -> None:
@@ -149,7 +156,8 @@ def test_a_cpu_bfloat16_models_prompt_computes_in_bfloat16_and_its_decode_steps_
     finally:
         for hook in hooks:
             hook.remove()
-    prompt = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
+    native = onednn_linear_available(torch.bfloat16)  # else (AVX2 only) test_model's AVX2 test has it float32
+    prompt = torch.bfloat16 if dtype_name == "bfloat16" and native else torch.float32
     assert seen == [("c_attn out", prompt), ("c_fc in", prompt),
                     ("c_attn out", torch.float32), ("c_fc in", torch.float32), "nine rows, one token each",
                     *[("c_attn out", torch.float32), ("c_fc in", torch.float32)] * 2]

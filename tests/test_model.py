@@ -246,7 +246,9 @@ def test_linear_matches_f_linear(rows, with_bias, packed):
 
 
 AVX2_ONLY_SCRIPT = """
+import sys
 import torch
+from gpt2.checkpoint import load_model
 from gpt2.config import GPT2Config
 from gpt2.kernels import kernels_for, onednn_linear_available
 from gpt2.model import GPT2LMHeadModel
@@ -262,22 +264,24 @@ with torch.inference_mode():
     model.lm_head = torch.nn.Linear(64, 300, bias=False).bfloat16()
     model.lm_head.weight = model.transformer.wte.weight
     reference = model(ids).float()
+loaded = load_model(sys.argv[1], dtype=torch.bfloat16, kernels="default")
 print(onednn_linear_available(torch.bfloat16), torch.equal(logits, reference),
-      sorted(k.name for k in kernels_for("bfloat16") if "oneDNN" in k.name))
+      sorted(k.name for k in kernels_for("bfloat16") if "oneDNN" in k.name), loaded.prompt_dtype)
 """
 
 
-def test_without_onednn_16_bit_products_a_bfloat16_model_uses_f_linear(tmp_path):
+def test_without_onednn_16_bit_products_a_bfloat16_model_uses_f_linear_and_float32_prompts(tmp_path, tiny_dir):
     """An AVX2-only CPU's oneDNN has no bfloat16 product (ONEDNN_MAX_CPU_ISA=AVX2 makes this one such a CPU): a
-    plain bfloat16 model's products fall back to F.linear instead of raising, and the tuner offers no oneDNN
-    bfloat16 kernel."""
-    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    proc = subprocess.run([sys.executable, "-c", AVX2_ONLY_SCRIPT], capture_output=True, text=True, env=env,
-                          timeout=120)
+    plain bfloat16 model's products fall back to F.linear instead of raising, the tuner offers no oneDNN
+    bfloat16 kernel, and a loaded bfloat16 model's prompts compute in float32 (bfloat16 products and attention
+    there are several times slower)."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "XDG_CACHE_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", AVX2_ONLY_SCRIPT, str(tiny_dir)], capture_output=True, text=True,
+                          env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     if proc.stdout.startswith("True"):
         pytest.skip("this oneDNN build does not take ONEDNN_MAX_CPU_ISA")
-    assert proc.stdout.split() == ["False", "True", "[]"]
+    assert proc.stdout.split() == ["False", "True", "[]", "None"]
 
 
 def test_row_pieces_add_up_to_few_shapes():
