@@ -86,8 +86,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="weight precision (default float32); on CPU 16-bit weights decode with float32 "
-                        "activations (a bfloat16 prompt computes in bfloat16); int8: int8 weights, "
-                        "activations in bfloat16 or, where that keeps int8's bound, quantized")
+                        "activations (a bfloat16 prompt computes in bfloat16 where the CPU has it natively); "
+                        "int8: int8 weights, activations in bfloat16 or, where that keeps int8's bound, quantized")
     p.add_argument("--offline", action="store_true",
                    help="never download (also on with HF_HUB_OFFLINE=1); fail if the model is missing")
     p.add_argument("--stats", action="store_true", help="print load time, time to first token and tokens/s "

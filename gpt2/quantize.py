@@ -174,8 +174,8 @@ def _weight_only_run(x: Tensor, stored: Stored) -> Tensor:
 def _widened_run(x: Tensor, stored: Stored, dtype: torch.dtype = torch.bfloat16) -> Tensor:
     """The weight-only form's product as a GPU runs it (Int8Linear.dequantized): the weight widened to `dtype`,
     then torch's product in it. Widening costs a pass over the weight, which a prompt's hundreds of rows repay:
-    there _weight_int8pack_mm is several times slower than the 16-bit product, and on a CPU without native
-    bfloat16 (AVX2 only) so is the 16-bit product than the float32 one."""
+    there _weight_int8pack_mm is several times slower than the 16-bit product, itself slower than the float32
+    one on a CPU without native bfloat16 (AVX2 only)."""
     quantized, scales, bias, outliers, columns = stored
     bias = None if bias is None else bias.to(dtype)
     y = F.linear(x.to(dtype), widen(quantized, scales.to(dtype)), bias).float()  # (rows, out)
