@@ -63,7 +63,7 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2, "int8": 3e-2}
 SCREEN = 2.0  # kernels slower than this many times the fastest at one row are not timed further
 LOAD_STEPS = 512  # decode steps a load is spread over in the ranking: the CLI's default --length
 REBUILT_MARGIN = 0.25  # how much faster a form built on every load (packed) must be: see step_cost
-RANKING = 5  # how rankings are measured, and of which candidates: part of the cache key, so a change measures again
+RANKING = 6  # how rankings are measured, and of which candidates: part of the cache key, so a change measures again
 
 # The instruction sets that decide which kernels win: part of the ranking's key, named in benchmark tables.
 KERNEL_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16",
@@ -173,15 +173,19 @@ def write_cache(path: Path, data: dict[str, dict]) -> None:
 # measuring
 
 
-def _fastest_call(kernel: Kernel, copies: list[tuple], x: Tensor, clock: Clock) -> float:
-    """The fastest of REPEATS passes over `copies` (one stored form each), per call."""
-    kernel.run(x, copies[0])  # untimed: oneDNN builds its primitive for the shape on the first call
-    best = float("inf")
+def _fastest_calls(runs: dict[str, tuple[Kernel, list[tuple]]], x: Tensor, clock: Clock) -> dict[str, float]:
+    """Per kernel (name: the kernel and its copies, one stored form each), the fastest of REPEATS passes over
+    its copies, per call. The kernels take turns pass by pass, so that a burst of load on a shared machine
+    slows a pass of each instead of every pass of one."""
+    for kernel, copies in runs.values():
+        kernel.run(x, copies[0])  # untimed: oneDNN builds its primitive for the shape on the first call
+    best = dict.fromkeys(runs, float("inf"))
     for _ in range(REPEATS):
-        start = clock()
-        for stored in copies:
-            kernel.run(x, stored)
-        best = min(best, (clock() - start) / len(copies))
+        for name, (kernel, copies) in runs.items():
+            start = clock()
+            for stored in copies:
+                kernel.run(x, stored)
+            best[name] = min(best[name], (clock() - start) / len(copies))
     return best
 
 
@@ -227,7 +231,8 @@ def measure(kernels: list[Kernel], shape: tuple[int, int], tolerance: float,
     exact = torch.nn.functional.linear(x.double(), weight.double(), bias.double())  # (rows, out)
     stored: dict[str, list[tuple] | None] = {}
     build_time: dict[str, float] = {}
-    decode_time: dict[str, float] = {}
+    working: dict[str, tuple[Kernel, list[tuple]]] = {}
+    one_row = inputs[DECODE_TIMING_ROWS[0]]
     for kernel in kernels:
         form = kernel.form.name
         try:
@@ -238,18 +243,19 @@ def measure(kernels: list[Kernel], shape: tuple[int, int], tolerance: float,
                 stored[form] = None if first is None else _copies(kernel.form, first, build_time[form], weight, bias)
             if stored[form] is None or not _close(kernel.run(x, stored[form][0]), exact, tolerance):
                 continue
-            decode_time[kernel.name] = _fastest_call(kernel, stored[form], inputs[DECODE_TIMING_ROWS[0]], clock)
+            kernel.run(one_row, stored[form][0])
+            working[kernel.name] = kernel, stored[form]
         except (RuntimeError, NotImplementedError, TypeError, ValueError):  # a kernel this CPU or build lacks
             continue
-    by_name = {k.name: k for k in kernels}
+    decode_time = _fastest_calls(working, one_row, clock)
     best = min(decode_time.values(), default=0.0)
-    for name, seconds in decode_time.items():
-        if seconds <= SCREEN * best:
-            kernel = by_name[name]
-            decode_time[name] += sum(_fastest_call(kernel, stored[kernel.form.name], inputs[rows], clock)
-                                     for rows in DECODE_TIMING_ROWS[1:])
-        else:
-            decode_time[name] *= len(DECODE_TIMING_ROWS)  # after every kernel timed at all row counts
+    close = {name: run for name, run in working.items() if decode_time[name] <= SCREEN * best}
+    for rows in DECODE_TIMING_ROWS[1:]:
+        for name, seconds in _fastest_calls(close, inputs[rows], clock).items():
+            decode_time[name] += seconds
+    for name in working.keys() - close.keys():
+        decode_time[name] *= len(DECODE_TIMING_ROWS)  # after every kernel timed at all row counts
+    by_name = {k.name: k for k in kernels}
     cost = {name: step_cost(by_name[name].form, seconds / len(DECODE_TIMING_ROWS), build_time)
             for name, seconds in decode_time.items()}
     ranking = tuple(sorted(cost, key=cost.get))
@@ -257,10 +263,9 @@ def measure(kernels: list[Kernel], shape: tuple[int, int], tolerance: float,
     for name in ranking:
         prefill.setdefault(by_name[name].form.name, name)
     for form in prefill:  # every form: a weight the winner's cannot hold takes the next one
-        candidates = [by_name[name] for name in ranking if by_name[name].form.name == form]
+        candidates = {name: (by_name[name], stored[form][:1]) for name in ranking if by_name[name].form.name == form}
         if len(candidates) > 1:  # on one copy: hundreds of rows reuse each weight from the core's caches
-            times = {k.name: _fastest_call(k, stored[form][:1], inputs[PREFILL_TIMING_ROWS], clock)
-                     for k in candidates}
+            times = _fastest_calls(candidates, inputs[PREFILL_TIMING_ROWS], clock)
             prefill[form] = min(times, key=times.get)
     return Choice(ranking, prefill)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 
 import pytest
@@ -23,6 +24,7 @@ from gpt2.tuning import (
     LOAD_STEPS,
     PREFILL_TIMING_ROWS,
     REBUILT_MARGIN,
+    REPEATS,
     choices_for,
     kernels_mode,
     measure,
@@ -95,6 +97,16 @@ def test_measure_screens_out_slow_failing_and_inexact_kernels(clock):
     assert choice.decode == ("fast", "ten times slower")
     eight = DECODE_TIMING_ROWS[1]
     assert clock.calls.count(("ten times slower", eight)) == 1 < clock.calls.count(("fast", eight))  # not timed
+
+
+def test_measure_times_the_kernels_in_turns(clock):
+    """Each timed pass of a kernel comes between passes of the others, so that a burst of load on a shared
+    machine slows one pass of each rather than every pass of one (whose ranking it would decide)."""
+    kernels = [fake_kernel(clock, "a", costs(1, 1, 1)), fake_kernel(clock, "b", costs(1, 1, 1))]
+    measure(kernels, W, 1e-5, clock)
+    for rows in DECODE_TIMING_ROWS:
+        turns = [name for name, _ in itertools.groupby(name for name, at in clock.calls if at == rows)]
+        assert turns == ["a", "b"] * (len(turns) // 2) and len(turns) >= 2 * REPEATS, (rows, turns)
 
 
 def test_measure_counts_a_packed_forms_build_spread_over_the_steps_of_a_load(clock):
