@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpt2.errors import GPT2Error
+from gpt2.native import available as native_available
+from gpt2.native import rows_product
 
 # oneDNN's packed layout is tuned for a row count: decoding's few rows.
 PACK_ROWS = 8
@@ -161,6 +163,11 @@ class Form:
     to_kept: Callable[[Stored], Stored] | None = None
     from_kept: Callable[[Stored], Stored] | None = None
 
+    @property
+    def kept(self) -> bool:
+        """Whether gpt2.prepared keeps it for later loads, which then do not build it."""
+        return self.plain or self.to_kept is not None
+
 
 @dataclass(frozen=True)
 class Kernel:
@@ -171,6 +178,9 @@ class Kernel:
     form: Form
     run: Callable[[Tensor, Stored], Tensor]
     takes: tuple[torch.dtype, ...] = (torch.float32,)
+    # Whether it is a candidate for a prompt's hundreds of rows: not one made for a few rows (or that is another
+    # candidate there, as `mv` is F.linear).
+    prefills: bool = True
 
 
 def _dense_form(dtype: torch.dtype) -> Form:
@@ -223,17 +233,20 @@ def _float16_unpack(stored: Stored) -> tuple[Tensor, Tensor | None]:
 FLOAT16_FBGEMM = Form("float16 FBGEMM packed", float16_fbgemm_available, _float16_build, _float16_unpack, 2)
 
 
-def float_kernels(dtype: torch.dtype) -> list[Kernel]:
+def float_kernels(dtype: torch.dtype, native: bool = False) -> list[Kernel]:
     """The candidates for weights whose values are `dtype`'s (float32, bfloat16 or float16), the one to use
     without measuring first. 16-bit ones take float32 x (other than FBGEMM they round it to 16 bits inside
-    the product only) or x in their own dtype (a bfloat16 model's prompt, gpt2.model)."""
+    the product only) or x in their own dtype (a bfloat16 model's prompt, gpt2.model). `native`: with the
+    kernel compiled here (gpt2.native, which has one for bfloat16)."""
     dense, packed = _dense_form(dtype), _onednn_packed_form(dtype)
     takes = (torch.float32,) if dtype == torch.float32 else (torch.float32, dtype)
     kernels = [Kernel(f"{_short(dtype)} F.linear", dense, _in(dtype)(F.linear), takes),
-               Kernel(f"{_short(dtype)} mv", dense, _in(dtype)(_matvec), takes),
+               Kernel(f"{_short(dtype)} mv", dense, _in(dtype)(_matvec), takes, prefills=False),
                *([Kernel(f"{_short(dtype)} oneDNN", dense, _in(dtype)(linear), takes)]
                  if onednn_linear_available(dtype) else []),  # without it `linear` is F.linear
                Kernel(f"{_short(dtype)} oneDNN packed", packed, _in(dtype)(linear), takes)]
+    if native:
+        kernels.append(Kernel(f"{_short(dtype)} native", dense, _native_run, prefills=False))
     if dtype == torch.float32:  # and transformers' own product, on the Conv1D layout
         return [*kernels, Kernel("float32 x @ w", _transposed_form(dtype), _addmm)]
     # First (the choice without measuring): float32 activations, the weights widened in registers.
@@ -242,6 +255,10 @@ def float_kernels(dtype: torch.dtype) -> list[Kernel]:
 
 def _float16_run(x: Tensor, stored: Stored) -> Tensor:
     return torch.ops.quantized.linear_dynamic_fp16(x.float(), stored[0]).to(x.dtype)
+
+
+def _native_run(x: Tensor, stored: Stored) -> Tensor:
+    return rows_product(x, *stored)
 
 
 def _matvec(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -259,14 +276,16 @@ def _addmm(x: Tensor, stored: Stored) -> Tensor:
     return x @ weight if bias is None else torch.addmm(bias, x, weight)
 
 
-def kernels_for(precision: str) -> list[Kernel]:
-    """Every candidate of a precision ("float32", "bfloat16", "float16" or "int8") on this build and CPU."""
+def kernels_for(precision: str, native: bool = True) -> list[Kernel]:
+    """Every candidate of a precision ("float32", "bfloat16", "float16" or "int8") on this build and CPU;
+    `native`: with the kernel compiled here (gpt2.native), where it builds (compiling it once per machine)."""
     if precision == "int8":
         from gpt2.quantize import int8_kernels
 
-        candidates = int8_kernels()
+        candidates = int8_kernels(native and native_available(torch.int8))
     else:
-        candidates = float_kernels(getattr(torch, precision))
+        dtype = getattr(torch, precision)
+        candidates = float_kernels(dtype, native and native_available(dtype))
     return [kernel for kernel in candidates if kernel.form.available()]
 
 

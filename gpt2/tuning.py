@@ -63,7 +63,7 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2, "int8": 3e-2}
 SCREEN = 2.0  # kernels slower than this many times the fastest at one row are not timed further
 LOAD_STEPS = 512  # decode steps a load is spread over in the ranking: the CLI's default --length
 REBUILT_MARGIN = 0.25  # how much faster a form built on every load (packed) must be: see step_cost
-RANKING = 6  # how rankings are measured, and of which candidates: part of the cache key, so a change measures again
+RANKING = 7  # how rankings are measured, and of which candidates: part of the cache key, so a change measures again
 
 # The instruction sets that decide which kernels win: part of the ranking's key, named in benchmark tables.
 KERNEL_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16",
@@ -189,11 +189,13 @@ def _fastest_calls(runs: dict[str, tuple[Kernel, list[tuple]]], x: Tensor, clock
     return best
 
 
-def _copies(form: Form, first: tuple, build_seconds: float, weight: Tensor, bias: Tensor) -> list[tuple]:
-    """`first` and more of `form` built from copies of the weight, ROTATION_BYTES in all, or as many as
-    COPY_BUILD_SECONDS allows: a decode step reads each weight once, from farther than the core's own
-    caches, and one weight timed over and over would not be."""
-    count = min(MAX_COPIES, -(-ROTATION_BYTES // (weight.numel() * form.value_bytes)),
+def _copies(form: Form, first: tuple, build_seconds: float, weight: Tensor, bias: Tensor, rows: int) -> list[tuple]:
+    """`first` and more of `form` built from copies of the weight, ROTATION_BYTES in all and at least the bytes
+    of the `rows` it stands for (the LM head's whole table), or as many as COPY_BUILD_SECONDS allows: a decode
+    step reads each weight once, from farther than the core's own caches (a slice of the head timed over and
+    over would come from a large last-level cache, where the kernels rank otherwise)."""
+    value_bytes = weight.size(1) * form.value_bytes
+    count = min(MAX_COPIES, -(-max(ROTATION_BYTES, rows * value_bytes) // (weight.size(0) * value_bytes)),
                 1 + int(COPY_BUILD_SECONDS / max(build_seconds, 1e-9)))
     more = [form.build(torch.empty_like(weight).copy_(weight), bias, None) for _ in range(count - 1)]
     return [first, *(stored for stored in more if stored is not None)]
@@ -218,14 +220,14 @@ def _close(result: Tensor, exact: Tensor, tolerance: float) -> bool:
 
 
 def measure(kernels: list[Kernel], shape: tuple[int, int], tolerance: float,
-            clock: Clock = time.perf_counter, transposed: bool = False) -> Choice:
+            clock: Clock = time.perf_counter, transposed: bool = False, rows: int = 0) -> Choice:
     """Rank `kernels` for a weight of `shape` (out, in) (`transposed`: stored (in, out)) by the time of a
     decode step plus their packed form's build time over LOAD_STEPS, on fixed random tensors (the weight in
-    copies, ROTATION_BYTES of them, each call reading the next): all at one row, those within SCREEN times
-    the fastest also at the other DECODE_TIMING_ROWS (their mean is the step). Prefill (PREFILL_TIMING_ROWS
-    rows) picks, for each form, among the kernels that read it. A kernel whose form cannot hold the random
-    weight, that fails, or whose result is off the float64 product by more than `tolerance` of its largest
-    value, is left out."""
+    copies, ROTATION_BYTES of them and at least `rows` rows, each call reading the next): all at one row,
+    those within SCREEN times the fastest also at the other DECODE_TIMING_ROWS (their mean is the step).
+    Prefill (PREFILL_TIMING_ROWS rows) picks, for each form, among the prefill candidates that read it. A
+    kernel whose form cannot hold the random weight, that fails, or whose result is off the float64 product by
+    more than `tolerance` of its largest value, is left out."""
     weight, bias, inputs = _random_operands(shape, transposed)
     x = inputs[DECODE_TIMING_ROWS[-1]]
     exact = torch.nn.functional.linear(x.double(), weight.double(), bias.double())  # (rows, out)
@@ -240,7 +242,8 @@ def measure(kernels: list[Kernel], shape: tuple[int, int], tolerance: float,
                 start = clock()
                 first = kernel.form.build(weight, bias, None)
                 build_time[form] = clock() - start
-                stored[form] = None if first is None else _copies(kernel.form, first, build_time[form], weight, bias)
+                stored[form] = None if first is None else _copies(kernel.form, first, build_time[form], weight, bias,
+                                                                          rows)
             if stored[form] is None or not _close(kernel.run(x, stored[form][0]), exact, tolerance):
                 continue
             kernel.run(one_row, stored[form][0])
@@ -259,15 +262,26 @@ def measure(kernels: list[Kernel], shape: tuple[int, int], tolerance: float,
     cost = {name: step_cost(by_name[name].form, seconds / len(DECODE_TIMING_ROWS), build_time)
             for name, seconds in decode_time.items()}
     ranking = tuple(sorted(cost, key=cost.get))
-    prefill = {}
-    for name in ranking:
-        prefill.setdefault(by_name[name].form.name, name)
-    for form in prefill:  # every form: a weight the winner's cannot hold takes the next one
-        candidates = {name: (by_name[name], stored[form][:1]) for name in ranking if by_name[name].form.name == form}
-        if len(candidates) > 1:  # on one copy: hundreds of rows reuse each weight from the core's caches
-            times = _fastest_calls(candidates, inputs[PREFILL_TIMING_ROWS], clock)
-            prefill[form] = min(times, key=times.get)
-    return Choice(ranking, prefill)
+    prefill = _prefill_candidates([by_name[name] for name in ranking])
+    for form, names in prefill.items():  # every form: a weight the winner's cannot hold takes the next one
+        if len(names) > 1:  # on one copy: hundreds of rows reuse each weight from the core's caches
+            times = _fastest_calls({name: (by_name[name], stored[form][:1]) for name in names},
+                                   inputs[PREFILL_TIMING_ROWS], clock)
+            names[:] = [min(times, key=times.get)]
+    return Choice(ranking, {form: names[0] for form, names in prefill.items()})
+
+
+def _prefill_candidates(kernels: list[Kernel]) -> dict[str, list[str]]:
+    """Per form, in `kernels`' order, the kernels on it that are prefill candidates (else its first kernel)."""
+    candidates: dict[str, list[str]] = {}
+    for kernel in kernels:
+        candidates.setdefault(kernel.form.name, [])
+        if kernel.prefills:
+            candidates[kernel.form.name].append(kernel.name)
+    for kernel in kernels:
+        if not candidates[kernel.form.name]:
+            candidates[kernel.form.name].append(kernel.name)
+    return candidates
 
 
 def step_cost(form: Form, seconds: float, build_time: dict[str, float]) -> float:
@@ -281,10 +295,8 @@ def step_cost(form: Form, seconds: float, build_time: dict[str, float]) -> float
 
 
 def default_choice(kernels: list[Kernel]) -> Choice:
-    """The ranking without measuring: the candidates' own order, each form's first kernel for prefill."""
-    prefill: dict[str, str] = {}
-    for kernel in kernels:
-        prefill.setdefault(kernel.form.name, kernel.name)
+    """The ranking without measuring: the candidates' own order, each form's first prefill candidate for prefill."""
+    prefill = {form: names[0] for form, names in _prefill_candidates(kernels).items()}
     return Choice(tuple(k.name for k in kernels), prefill)
 
 
@@ -292,7 +304,7 @@ def choices_for(precision: str, layouts: Iterable[Layout], mode: str,
                 clock: Clock | None = None) -> dict[Layout, Choice]:
     """A ranking for every weight layout: from the cache file, or measured (and written there), or the
     defaults."""
-    kernels = kernels_for(precision)
+    kernels = kernels_for(precision, mode != "default")
     if not kernels:
         raise GPT2Error(f"this torch build ({torch.__version__}) has no CPU kernel for {precision} products "
                         "(int8 needs torch._weight_int8pack_mm or FBGEMM): use --dtype bfloat16 or float32, "
@@ -310,7 +322,11 @@ def choices_for(precision: str, layouts: Iterable[Layout], mode: str,
         if choice is None or not set(choice.decode) <= names:
             (out_features, in_features), transposed = layout
             timed = (min(out_features, HEAD_TIMING_ROWS), in_features)
-            choice = measure(kernels, timed, TOLERANCE[precision], clock or clock_for_timing, transposed)
+            # A weight too large to time whole (the LM head) takes only forms that later loads do not build: a
+            # packed head would be built again on every load, for longer than the rest of the load takes.
+            candidates = [k for k in kernels if k.form.kept] if out_features > HEAD_TIMING_ROWS else kernels
+            choice = measure(candidates or kernels, timed, TOLERANCE[precision], clock or clock_for_timing,
+                             transposed, out_features)
             stored[key], changed = choice.to_json(), True
         choices[layout] = choice
     if changed:
@@ -375,7 +391,7 @@ def use_cpu_kernels(model: nn.Module, precision: str, mode: str | None = None,
     dtype = wte.dtype
     weights = [getattr(parent, name).weight for parent, name in places] + [wte]
     choices = choices_for(precision, [layout_of(weight) for weight in weights], mode)
-    kernels = kernels_for(precision)
+    kernels = kernels_for(precision, mode != "default")
     names = {id(module): name for name, module in model.named_modules()}
     calibration, head_kernels, dynamic, settled = None, kernels, {}, None
     if precision == "int8":

@@ -18,6 +18,7 @@ import pytest
 from conftest import REPO, TIMEOUT, ok
 
 import gpt2
+import gpt2.native
 
 
 def _run(*command: str | Path, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
@@ -57,6 +58,13 @@ def test_installed_package_is_the_copy_in_the_venv(installed: tuple[Path, dict[s
     proc = _run(bin_dir / "python", "-c", "import gpt2; print(gpt2.__file__)", env=env, cwd=tmp_path)
     where = Path(ok(proc).decode().strip())
     assert where.is_relative_to(bin_dir.parent), where  # not this checkout, not an editable install elsewhere
+
+
+def test_installed_package_has_the_kernel_source(installed: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    bin_dir, env = installed
+    proc = _run(bin_dir / "python", "-c", "import gpt2.native as n; print(n.SOURCE.read_bytes() == "
+                f"open({str(gpt2.native.SOURCE)!r}, 'rb').read())", env=env, cwd=tmp_path)
+    assert ok(proc) == b"True\n"
 
 
 def test_gpt2_generate_version(installed: tuple[Path, dict[str, str]], tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from gpt2.checkpoint import load_model
 from gpt2.errors import GPT2Error
 from gpt2.kernels import Kernel, _dense_form, _transposed_form, int8_dynamic_available
 from gpt2.model import GPT2LMHeadModel
+from gpt2.native import available as native_available
 from gpt2.tuning import (
     DECODE_TIMING_ROWS,
     LOAD_STEPS,
@@ -149,7 +150,7 @@ def test_a_packed_form_must_win_by_more_than_the_noise(clock):
 @pytest.fixture
 def fake_kernels(clock, monkeypatch):
     kernels = [fake_kernel(clock, "a", costs(2, 2, 2)), fake_kernel(clock, "b", costs(1, 1, 1))]
-    monkeypatch.setattr(gpt2.tuning, "kernels_for", lambda precision: kernels)
+    monkeypatch.setattr(gpt2.tuning, "kernels_for", lambda precision, native: kernels)
     return kernels
 
 
@@ -329,22 +330,28 @@ def outliers(tmp_path_factory):
                               vocab_size=5000, n_positions=64)
 
 
-@pytest.mark.parametrize("dynamic_first", [False, True])
-def test_int8_keeps_its_contract_with_activation_outliers(outliers, dynamic_first, monkeypatch):
-    """int8 weights with bfloat16 activations alone, and with the dynamic kernel preferred wherever its
-    per-projection calibration allows it (the whole-model check off: on this model it would take it back),
-    on batches of one-token prompts as in decoding: logits within 5% of the largest float32 logit, and
-    float32's greedy choice where its margin is clear. (Over a whole sequence, gains of 60
-    make attention so sharp that bfloat16 weights alone move the logits by several percent.)"""
-    kernels = gpt2.quantize.int8_kernels()
-    if dynamic_first and not int8_dynamic_available():
+@pytest.mark.parametrize("first", ["weight-only", "dynamic", "native"])
+def test_int8_keeps_its_contract_with_activation_outliers(outliers, first, monkeypatch):
+    """int8 weights with bfloat16 activations alone, with the dynamic kernel preferred wherever its
+    per-projection calibration allows it (the whole-model check off: on this model it would take it back), and
+    with the kernel compiled here (float32 activations), on batches of one-token prompts as in decoding: logits
+    within 5% of the largest float32 logit, and float32's greedy choice where its margin is clear. (Over a whole
+    sequence, gains of 60 make attention so sharp that bfloat16 weights alone move the logits by several
+    percent.)"""
+    kernels = gpt2.quantize.int8_kernels(native_available(torch.int8))
+    if first == "dynamic" and not int8_dynamic_available():
         pytest.skip("this torch build has no FBGEMM")
-    monkeypatch.setattr(gpt2.quantize, "int8_kernels", lambda: kernels[1::-1] if dynamic_first else kernels[:1])
+    if first == "native" and not native_available(torch.int8):
+        pytest.skip("no C compiler here")
+    chosen = {"weight-only": kernels[:1], "dynamic": kernels[1::-1], "native": kernels[-1:]}[first]
+    monkeypatch.setattr(gpt2.quantize, "int8_kernels", lambda native=False: chosen)
     monkeypatch.setattr(gpt2.quantize, "WHOLE_MODEL_ERROR", 1.0)
     exact_model = load_model(outliers)
     model = load_model(outliers, dtype=torch.bfloat16, int8=True, kernels="default")
-    dynamic = [name for name, (decode, _) in model.kernel_choices().items() if "dynamic" in decode]
-    assert bool(dynamic) == dynamic_first and "lm_head" not in dynamic
+    decodes = {name: decode for name, (decode, _) in model.kernel_choices().items()}
+    dynamic = [name for name, decode in decodes.items() if "dynamic" in decode]
+    assert bool(dynamic) == (first == "dynamic") and "lm_head" not in dynamic
+    assert (set(decodes.values()) == {"int8 native"}) == (first == "native")
     ids = torch.randint(0, 5000, (48, 1), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():  # batches of 8 one-token prompts: decode steps
         exact = torch.cat([exact_model(ids[i:i + 8]) for i in range(0, 48, 8)])
@@ -368,7 +375,7 @@ def test_int8_with_dynamic_products_keeps_the_contract_on_the_whole_model(wide_o
     takes it back, and on prompts other than the calibration ones (decode steps of one-token prompts) the
     logits stay within 5% of the largest float32 logit, with float32's greedy choice where its margin is clear."""
     kernels = gpt2.quantize.int8_kernels()
-    monkeypatch.setattr(gpt2.quantize, "int8_kernels", lambda: kernels[1::-1])  # dynamic, weight-only
+    monkeypatch.setattr(gpt2.quantize, "int8_kernels", lambda native=False: kernels[1::-1])  # dynamic, weight-only
     exact_model = load_model(wide_outliers, kernels="default")
     model = load_model(wide_outliers, dtype=torch.bfloat16, int8=True, kernels="default")
     ids = torch.randint(0, 50257, (96, 1), generator=torch.Generator().manual_seed(1))
