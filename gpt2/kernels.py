@@ -237,7 +237,7 @@ def float_kernels(dtype: torch.dtype, native: bool = False) -> list[Kernel]:
     """The candidates for weights whose values are `dtype`'s (float32, bfloat16 or float16), the one to use
     without measuring first. 16-bit ones take float32 x (other than FBGEMM they round it to 16 bits inside
     the product only) or x in their own dtype (a bfloat16 model's prompt, gpt2.model). `native`: with the
-    kernel compiled here (gpt2.native, which has one for bfloat16)."""
+    kernel compiled here (gpt2.native, which has one for float32 and bfloat16)."""
     dense, packed = _dense_form(dtype), _onednn_packed_form(dtype)
     takes = (torch.float32,) if dtype == torch.float32 else (torch.float32, dtype)
     kernels = [Kernel(f"{_short(dtype)} F.linear", dense, _in(dtype)(F.linear), takes),

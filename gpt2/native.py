@@ -28,7 +28,8 @@ SOURCE = Path(__file__).with_name("rows.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 BUILD_SECONDS = 120
 # For each weight dtype: the macro that builds its function, the function, and the dtype its bias takes.
-FUNCTIONS = {torch.bfloat16: ("ROWS_BF16", "rows_bf16", torch.bfloat16),
+FUNCTIONS = {torch.float32: ("ROWS_F32", "rows_f32", torch.float32),
+             torch.bfloat16: ("ROWS_BF16", "rows_bf16", torch.bfloat16),
              torch.int8: ("ROWS_I8", "rows_i8", torch.bfloat16)}
 
 

@@ -176,12 +176,15 @@ def write_cache(path: Path, data: dict[str, dict]) -> None:
 def _fastest_calls(runs: dict[str, tuple[Kernel, list[tuple]]], x: Tensor, clock: Clock) -> dict[str, float]:
     """Per kernel (name: the kernel and its copies, one stored form each), the fastest of REPEATS passes over
     its copies, per call. The kernels take turns pass by pass, so that a burst of load on a shared machine
-    slows a pass of each instead of every pass of one."""
+    slows a pass of each instead of every pass of one; one more than SCREEN times the fastest so far takes
+    no more passes (it cannot win)."""
     for kernel, copies in runs.values():
         kernel.run(x, copies[0])  # untimed: oneDNN builds its primitive for the shape on the first call
     best = dict.fromkeys(runs, float("inf"))
-    for _ in range(REPEATS):
+    for repeat in range(REPEATS):
         for name, (kernel, copies) in runs.items():
+            if repeat and best[name] > SCREEN * min(best.values()):
+                continue
             start = clock()
             for stored in copies:
                 kernel.run(x, stored)

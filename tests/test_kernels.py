@@ -27,6 +27,7 @@ from gpt2.tuning import (
     REBUILT_MARGIN,
     REPEATS,
     choices_for,
+    default_choice,
     kernels_mode,
     measure,
 )
@@ -96,8 +97,24 @@ def test_measure_screens_out_slow_failing_and_inexact_kernels(clock):
                fake_kernel(clock, "wrong", costs(0.1, 0.1, 0.1), exact=False), Kernel("broken", DENSE, broken)]
     choice = measure(kernels, W, 1e-5, clock)
     assert choice.decode == ("fast", "ten times slower")
-    eight = DECODE_TIMING_ROWS[1]
+    one, eight = DECODE_TIMING_ROWS
     assert clock.calls.count(("ten times slower", eight)) == 1 < clock.calls.count(("fast", eight))  # not timed
+    # At one row its first pass shows it cannot win: it takes no more passes.
+    assert clock.calls.count(("ten times slower", one)) < clock.calls.count(("fast", one))
+
+
+def test_kernels_for_a_few_rows_are_no_prefill_candidates(clock):
+    """A kernel made for a few rows (prefills=False) is never timed or chosen for prefill, but is its form's
+    prefill kernel where the form has no other."""
+    ONLY = dataclasses.replace(DENSE, name="only few-row kernels")
+    kernels = [dataclasses.replace(fake_kernel(clock, "few rows", costs(1, 1, 0.1)), prefills=False),
+               fake_kernel(clock, "prompts", costs(2, 2, 1)),
+               dataclasses.replace(fake_kernel(clock, "few rows, alone", costs(3, 3, 1), form=ONLY), prefills=False)]
+    choice = measure(kernels, W, 1e-5, clock)
+    assert choice.decode[0] == "few rows"
+    assert choice.prefill == {DENSE.name: "prompts", ONLY.name: "few rows, alone"}
+    assert ("few rows", PREFILL_TIMING_ROWS) not in clock.calls
+    assert default_choice(kernels).prefill == choice.prefill
 
 
 def test_measure_times_the_kernels_in_turns(clock):
@@ -192,6 +209,23 @@ def test_choices_are_written_then_read_then_measured_again_for_a_new_key(fake_ke
     new = set(_cache(empty_cache)) - keys
     assert len(new) == 4 and any(key.startswith("another CPU (avx2 fma amx_tile); ATen ") for key in new)
     assert any("; ONEDNN_MAX_CPU_ISA=SSE41" in key for key in new)
+
+
+def test_the_head_is_timed_on_kept_forms_over_its_whole_tables_bytes(clock, empty_cache, monkeypatch):
+    """A weight of more rows than HEAD_TIMING_ROWS (the LM head) is timed on a slice of them, in copies that
+    add up to the whole table, and only on forms later loads keep: a packed head would be built on every load.
+    A smaller weight takes the packed form where it is faster."""
+    packed = dataclasses.replace(DENSE, name="packed", plain=False)
+    kernels = [fake_kernel(clock, "packed, fast", costs(0.1, 0.1, 0.1), form=packed),
+               fake_kernel(clock, "kept", costs(1, 1, 1))]
+    monkeypatch.setattr(gpt2.tuning, "kernels_for", lambda precision, native: kernels)
+    monkeypatch.setattr(gpt2.tuning, "HEAD_TIMING_ROWS", 64)
+    monkeypatch.setattr(gpt2.tuning, "ROTATION_BYTES", 1)
+    head, block = ((256, 8), False), ((64, 8), False)
+    assert choices_for("float32", [head], "cached", clock)[head].decode == ("kept",)
+    # the correctness check, the untimed call, then REPEATS passes over 4 copies of the 64-row slice
+    assert clock.calls.count(("kept", DECODE_TIMING_ROWS[0])) == 2 + REPEATS * 4
+    assert choices_for("float32", [block], "cached", clock)[block].decode == ("packed, fast", "kept")
 
 
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"x": 1}', "\x00\xff"])

@@ -1,5 +1,6 @@
 """The decode kernel compiled on this machine (gpt2.native, gpt2/rows.c): its products against float64 ones on
-every tail of its tiling, in its AVX-512 and AVX2 builds; where it cannot be built, no candidate and no error."""
+every tail of its tiling, for each weight dtype, in its AVX-512 and AVX2 builds; where it cannot be built, no
+candidate and no error."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import torch
 import gpt2.native
 from gpt2.checkpoint import load_model
 from gpt2.kernels import kernels_for
-from gpt2.native import FLAGS, library, rows_product
+from gpt2.native import FLAGS, FUNCTIONS, library, rows_product
 from gpt2.quantize import quantize_rows
 
 # -mno-avx512f: the AVX2 build (8-float vectors, its own tile shapes), which this CPU runs too.
 BUILDS = {"native": FLAGS, "avx2": (*FLAGS, "-mno-avx512f")}
+DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +26,7 @@ def builds(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GPT2_PYTORCH_CACHE", str(tmp_path_factory.mktemp("native")))
         library.cache_clear()
-        compiled = {(dtype, build): library(dtype, flags) for dtype in (torch.bfloat16, torch.int8)
-                    for build, flags in BUILDS.items()}
+        compiled = {(dtype, build): library(dtype, flags) for dtype in DTYPES for build, flags in BUILDS.items()}
     library.cache_clear()
     return compiled
 
@@ -49,18 +50,18 @@ def _operands(rows: int, out_features: int, in_features: int, dtype: torch.dtype
     gen = torch.Generator().manual_seed(rows * 1000 + out_features + in_features)
     x = torch.randn(rows, in_features, generator=gen)
     weight = torch.randn(out_features, in_features, generator=gen)
-    b = torch.randn(out_features, generator=gen).bfloat16() if bias else None
+    b = torch.randn(out_features, generator=gen).to(FUNCTIONS[dtype][2]) if bias else None
     if dtype == torch.int8:
         quantized, scales = quantize_rows(weight)
         scales = scales.bfloat16()
         exact = x.double() @ (quantized.double() * scales.double()[:, None]).T
         return x, quantized, b, scales, exact + (0 if b is None else b.double())
-    weight = weight.bfloat16()
+    weight = weight.to(dtype)
     return x, weight, b, None, x.double() @ weight.double().T + (0 if b is None else b.double())
 
 
 @pytest.mark.parametrize("build", BUILDS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 16])
 @pytest.mark.parametrize(("out_features", "in_features", "bias"), [(768, 768, True), (13, 77, False), (50, 200, True)])
 def test_products_equal_float64_ones(builds, build, dtype, rows, out_features, in_features, bias):
