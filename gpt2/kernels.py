@@ -181,6 +181,15 @@ class Kernel:
     # Whether it is a candidate for a prompt's hundreds of rows: not one made for a few rows (or that is another
     # candidate there, as `mv` is F.linear).
     prefills: bool = True
+    # Whether it needs its form's tensors aligned to 64 bytes (_weight_int8pack_mm crashes on a weight that is
+    # not aligned to 16), which a tensor mapped from a file (gpt2.prepared) may not be: see `aligned`.
+    aligned: bool = False
+
+
+def aligned(stored: Stored) -> Stored:
+    """The form with every tensor not aligned to 64 bytes copied."""
+    return tuple(part.clone() if isinstance(part, Tensor) and not part.is_mkldnn and part.data_ptr() % 64 else part
+                 for part in stored)
 
 
 def _dense_form(dtype: torch.dtype) -> Form:

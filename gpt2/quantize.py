@@ -278,16 +278,9 @@ def _as_it_is(stored: Stored) -> Stored:
     return stored
 
 
-def _weight_only_from_kept(kept: Stored) -> Stored:
-    """The kept form, its int8 weight copied where the file it is mapped from does not align it to 64 bytes:
-    _weight_int8pack_mm crashes on a weight that is not aligned to 16."""
-    quantized, *rest = kept
-    return quantized if quantized.data_ptr() % 64 == 0 else quantized.clone(), *rest
-
-
 # The probes are looked up when called, so that a test can take them away.
 INT8_WEIGHT_ONLY = Form("int8 weight-only", lambda: int8_weight_only_available(), _weight_only_build,
-                        _weight_only_unpack, 1, to_kept=_as_it_is, from_kept=_weight_only_from_kept)
+                        _weight_only_unpack, 1, to_kept=_as_it_is, from_kept=_as_it_is)
 INT8_DYNAMIC = Form("int8 FBGEMM packed", lambda: int8_dynamic_available(), _dynamic_build, _dynamic_unpack, 1,
                     to_kept=_dynamic_to_kept, from_kept=_dynamic_from_kept)
 
@@ -295,7 +288,7 @@ INT8_DYNAMIC = Form("int8 FBGEMM packed", lambda: int8_dynamic_available(), _dyn
 def int8_kernels(native: bool = False) -> list[Kernel]:
     """int8's candidates, the one to use without measuring first (it quantizes no activations); `native`: with
     the kernel compiled here (gpt2.native), which widens the int8 weight to float32 in registers."""
-    return [Kernel("int8 weight x bfloat16 (_weight_int8pack_mm)", INT8_WEIGHT_ONLY, _weight_only_run),
+    return [Kernel("int8 weight x bfloat16 (_weight_int8pack_mm)", INT8_WEIGHT_ONLY, _weight_only_run, aligned=True),
             Kernel("int8 dynamic (FBGEMM)", INT8_DYNAMIC, _dynamic_run),
             Kernel("int8 weight widened to bfloat16", INT8_WEIGHT_ONLY, _widened_run),
             Kernel("int8 weight widened to float32", INT8_WEIGHT_ONLY,

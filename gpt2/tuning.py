@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from gpt2.errors import GPT2Error
 from gpt2.heap import return_free_memory
-from gpt2.kernels import Form, Kernel, Linear, Projection, Stored, kernels_for, onednn_linear_available
+from gpt2.kernels import Form, Kernel, Linear, Projection, Stored, aligned, kernels_for, onednn_linear_available
 
 if TYPE_CHECKING:
     from gpt2.prepared import Prepared
@@ -361,6 +361,8 @@ def projection(weight: Tensor, bias: Tensor | None, choice: Choice, kernels: lis
             prefill = by_name.get(choice.prefill.get(kernel.form.name, kernel.name), kernel)
             if prefill.form.name != kernel.form.name:
                 prefill = kernel
+            if kernel.aligned or prefill.aligned:
+                stored = aligned(stored)
             return Projection(stored, kernel, prefill, dtype, tuple(weight.shape), tied)
     names = ", ".join(k.name for k in kernels)
     raise GPT2Error(f"none of the CPU kernels here ({names}) keeps its precision's contract for a weight of shape "

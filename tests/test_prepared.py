@@ -19,8 +19,10 @@ import gpt2.tuning
 from gpt2.checkpoint import SafetensorsFile, load_model
 from gpt2.errors import GPT2Error
 from gpt2.kernels import Projection, int8_dynamic_available, kernels_for
+from gpt2.native import available as native_available
 from gpt2.prepared import Prepared, identity, prepared_file
 from gpt2.quantize import INT8_DYNAMIC, INT8_WEIGHT_ONLY
+from gpt2.tuning import Choice, projection
 
 IDS = torch.tensor([[464, 2068, 7586, 21831, 18045, 625, 262]])
 
@@ -171,7 +173,8 @@ def test_int8_forms_are_settled_again_under_other_rankings(tmp_path, monkeypatch
 
 def test_int8_forms_come_back_from_their_kept_tensors():
     """What gpt2.prepared keeps of each int8 form rebuilds it: the same products. A weight-only int8 weight
-    mapped from a file at an address _weight_int8pack_mm cannot read (not 16-byte aligned) is copied."""
+    mapped from a file at an address _weight_int8pack_mm cannot read (not 16-byte aligned) is copied where that
+    kernel reads it, and read where it lies by the kernel compiled here."""
     torch.manual_seed(0)
     weight, bias, inputs = torch.randn(96, 64) * 0.1, torch.randn(96) * 0.1, torch.randn(32, 64)
     inputs[:, 3] *= 60  # an outlier dimension
@@ -185,8 +188,15 @@ def test_int8_forms_come_back_from_their_kept_tensors():
     memory = torch.empty(quantized.numel() + 64, dtype=torch.int8)
     start = (-memory.data_ptr()) % 64 + 8  # 8 bytes past a 64-byte boundary
     mapped = memory[start:start + quantized.numel()].view_as(quantized).copy_(quantized)
-    rebuilt = INT8_WEIGHT_ONLY.from_kept((mapped, *rest))
-    assert rebuilt[0].data_ptr() % 64 == 0 and torch.equal(rebuilt[0], quantized)
+    kept = INT8_WEIGHT_ONLY.from_kept((mapped, *rest))
+    kernels = {k.name: k for k in gpt2.quantize.int8_kernels(native_available(torch.int8))}
+    for name, copied in (("int8 weight x bfloat16 (_weight_int8pack_mm)", True), ("int8 native", False)):
+        if name in kernels:
+            choice = Choice((name,), {INT8_WEIGHT_ONLY.name: name})
+            given = projection(weight, bias, choice, [kernels[name]], torch.bfloat16, prepared=lambda form: kept)
+            assert (given.stored[0].data_ptr() != mapped.data_ptr()) == copied, name
+            assert torch.equal(given.stored[0], quantized) and (given.stored[0].data_ptr() % 64 == 0) == copied
+            assert torch.equal(given(x), kernels[name].run(x, (quantized, *rest)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
