@@ -1,20 +1,22 @@
 """Kernel choice by measuring: each candidate product (gpt2.kernels) timed on the model's own weight shapes
 on this machine, once, the ranking remembered in `<cache>/kernels.json`.
 
-The fastest kernel differs between CPUs (native bfloat16 and AMX favour oneDNN's packed bfloat16 weights
-and VNNI FBGEMM's dynamic int8; without them FBGEMM's float16 weights and torch's int8-weight product win),
-so no fixed choice is right everywhere. The file is keyed by CPU model, thread count, torch version, precision
-and the weight's shape and layout: any change measures again. A decode step multiplies 1 to 8 rows, a
+The fastest kernel differs between CPUs (among torch's, native bfloat16 and AMX favour oneDNN's bfloat16
+products, and without them FBGEMM's float16 weights win; the kernel compiled on the machine, gpt2.native,
+leads where it builds, by how much depends on the CPU), so no fixed choice is right everywhere. The file is
+keyed by CPU model, thread count, torch version, precision and the weight's shape and layout: any change
+measures again. A decode step multiplies 1 to 8 rows, a
 prompt hundreds: the form a weight is stored in is the one of the fastest decode kernel (decoding
-dominates generation), and prefill takes the fastest kernel that reads that same form (timed for every
-form: a weight that the winner's form cannot hold takes the next one). Building a packed
+dominates generation), and prefill takes the fastest prefill candidate that reads that same form (timed
+for every form: a weight that the winner's form cannot hold takes the next one). Building a packed
 form at load is time too, paid on every load: it is spread over LOAD_STEPS decode steps in the ranking,
 and a packed form must also win by REBUILT_MARGIN. A plain form (a transposed copy, a cast) costs
 nothing there: gpt2.prepared keeps it for later loads.
 
 Modes (load_model's `kernels=`, else the environment variable GPT2_PYTORCH_KERNELS, read only):
 "cached" (the default) uses the file and measures what it lacks; "tune" measures everything again;
-"default" measures nothing and touches no file (each precision's first candidate that builds).
+"default" measures nothing and touches no file (each precision's first candidate that builds; nothing is
+compiled).
 """
 
 from __future__ import annotations
