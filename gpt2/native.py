@@ -35,7 +35,8 @@ FUNCTIONS = {torch.float32: ("ROWS_F32", "rows_f32", torch.float32),
 
 def _compiler() -> list[str] | None:
     command = shlex.split(os.environ.get("CC") or "cc")
-    return [shutil.which(command[0]), *command[1:]] if command and shutil.which(command[0]) else None
+    found = shutil.which(command[0]) if command else None
+    return [found, *command[1:]] if found else None
 
 
 def library_path(compiler: list[str], flags: tuple[str, ...]) -> Path:

@@ -5,13 +5,12 @@ The fastest kernel differs between CPUs (among torch's, native bfloat16 and AMX 
 products, and without them FBGEMM's float16 weights win; the kernel compiled on the machine, gpt2.native,
 leads where it builds, by how much depends on the CPU), so no fixed choice is right everywhere. The file is
 keyed by CPU model, thread count, torch version, precision and the weight's shape and layout: any change
-measures again. A decode step multiplies 1 to 8 rows, a
-prompt hundreds: the form a weight is stored in is the one of the fastest decode kernel (decoding
-dominates generation), and prefill takes the fastest prefill candidate that reads that same form (timed
-for every form: a weight that the winner's form cannot hold takes the next one). Building a packed
-form at load is time too, paid on every load: it is spread over LOAD_STEPS decode steps in the ranking,
-and a packed form must also win by REBUILT_MARGIN. A plain form (a transposed copy, a cast) costs
-nothing there: gpt2.prepared keeps it for later loads.
+measures again. A decode step multiplies 1 to 8 rows, a prompt hundreds: the form a weight is stored in is the
+one of the fastest decode kernel (decoding dominates generation), and prefill takes the fastest prefill
+candidate that reads that same form (timed for every form: a weight that the winner's form cannot hold takes
+the next one). Building a packed form at load is time too, paid on every load: it is spread over LOAD_STEPS
+decode steps in the ranking, and a packed form must also win by REBUILT_MARGIN. A plain form (a transposed
+copy, a cast) costs nothing there: gpt2.prepared keeps it for later loads.
 
 Modes (load_model's `kernels=`, else the environment variable GPT2_PYTORCH_KERNELS, read only):
 "cached" (the default) uses the file and measures what it lacks; "tune" measures everything again;
@@ -62,7 +61,7 @@ COPY_BUILD_SECONDS = 0.02  # per form and shape: forms slow to build (FBGEMM's) 
 # value: float32 ones compute in float32; 16-bit ones round weights and inputs to 8 or 11 bits; int8 ones
 # quantize (see gpt2.quantize). A broken or inexact kernel is never chosen.
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2, "int8": 3e-2}
-SCREEN = 2.0  # kernels slower than this many times the fastest at one row are not timed further
+SCREEN = 2.0  # a kernel this many times slower than the fastest (after a pass, or at one row) is not timed further
 LOAD_STEPS = 512  # decode steps a load is spread over in the ranking: the CLI's default --length
 REBUILT_MARGIN = 0.25  # how much faster a form built on every load (packed) must be: see step_cost
 RANKING = 8  # how rankings are measured, and of which candidates: part of the cache key, so a change measures again
@@ -247,8 +246,8 @@ def measure(kernels: list[Kernel], shape: tuple[int, int], tolerance: float,
                 start = clock()
                 first = kernel.form.build(weight, bias, None)
                 build_time[form] = clock() - start
-                stored[form] = None if first is None else _copies(kernel.form, first, build_time[form], weight, bias,
-                                                                          rows)
+                stored[form] = None if first is None else \
+                    _copies(kernel.form, first, build_time[form], weight, bias, rows)
             if stored[form] is None or not _close(kernel.run(x, stored[form][0]), exact, tolerance):
                 continue
             kernel.run(one_row, stored[form][0])
