@@ -158,6 +158,9 @@ class Form:
     # Whether the stored form is plain tensors that gpt2.prepared can keep on disk for later loads (whose
     # build then costs nothing from the second load on); packed forms are opaque and built on every load.
     plain: bool = False
+    # Whether it lays the weight out (in, out): for the LM head, a second copy of the token table, which the
+    # lookups read (out, in).
+    transposed: bool = False
     # For a form built from a calibration run (int8's): the plain tensors gpt2.prepared keeps of it, and the
     # form rebuilt from those. None: a later load builds it from the weight.
     to_kept: Callable[[Stored], Stored] | None = None
@@ -201,7 +204,7 @@ def _dense_form(dtype: torch.dtype) -> Form:
 def _transposed_form(dtype: torch.dtype) -> Form:
     return Form(f"{_short(dtype)} (in, out)", lambda: True,
                 lambda w, b, _: (w.detach().to(dtype).t().contiguous(), _cast(b, dtype)), lambda s: (s[0].t(), s[1]),
-                dtype.itemsize, plain=True)
+                dtype.itemsize, plain=True, transposed=True)
 
 
 def _onednn_packed_form(dtype: torch.dtype) -> Form:

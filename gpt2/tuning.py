@@ -64,7 +64,7 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2, "int8": 3e-2}
 SCREEN = 2.0  # a kernel this many times slower than the fastest (after a pass, or at one row) is not timed further
 LOAD_STEPS = 512  # decode steps a load is spread over in the ranking: the CLI's default --length
 REBUILT_MARGIN = 0.25  # how much faster a form built on every load (packed) must be: see step_cost
-RANKING = 8  # how rankings are measured, and of which candidates: part of the cache key, so a change measures again
+RANKING = 9  # how rankings are measured, and of which candidates: part of the cache key, so a change measures again
 
 # The instruction sets that decide which kernels win: part of the ranking's key, named in benchmark tables.
 KERNEL_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16",
@@ -194,13 +194,15 @@ def _fastest_calls(runs: dict[str, tuple[Kernel, list[tuple]]], x: Tensor, clock
 
 
 def _copies(form: Form, first: tuple, build_seconds: float, weight: Tensor, bias: Tensor, rows: int) -> list[tuple]:
-    """`first` and more of `form` built from copies of the weight, ROTATION_BYTES in all and at least the bytes
-    of the `rows` it stands for (the LM head's whole table), or as many as COPY_BUILD_SECONDS allows: a decode
-    step reads each weight once, from farther than the core's own caches (a slice of the head timed over and
-    over would come from a large last-level cache, where the kernels rank otherwise)."""
-    value_bytes = weight.size(1) * form.value_bytes
-    count = min(MAX_COPIES, -(-max(ROTATION_BYTES, rows * value_bytes) // (weight.size(0) * value_bytes)),
-                1 + int(COPY_BUILD_SECONDS / max(build_seconds, 1e-9)))
+    """`first` and more of `form` built from copies of the weight: ROTATION_BYTES in all, or as many as
+    COPY_BUILD_SECONDS allows, and at least as many as add up to the `rows` the weight stands for (the LM
+    head's whole table, timed on a slice). A decode step reads each weight once, from farther than the core's
+    own caches; a slice of the head timed over and over would come from a large last-level cache, where the
+    kernels rank otherwise (on a 300 MB one, torch.mv tied with a kernel twice as fast on the whole table)."""
+    weight_bytes = weight.numel() * form.value_bytes
+    whole = -(-rows // weight.size(0))
+    count = min(MAX_COPIES, max(whole, min(-(-ROTATION_BYTES // weight_bytes),
+                                           1 + int(COPY_BUILD_SECONDS / max(build_seconds, 1e-9)))))
     more = [form.build(torch.empty_like(weight).copy_(weight), bias, None) for _ in range(count - 1)]
     return [first, *(stored for stored in more if stored is not None)]
 
@@ -326,9 +328,11 @@ def choices_for(precision: str, layouts: Iterable[Layout], mode: str,
         if choice is None or not set(choice.decode) <= names:
             (out_features, in_features), transposed = layout
             timed = (min(out_features, HEAD_TIMING_ROWS), in_features)
-            # A weight too large to time whole (the LM head) takes only forms that later loads do not build: a
-            # packed head would be built again on every load, for longer than the rest of the load takes.
-            candidates = [k for k in kernels if k.form.kept] if out_features > HEAD_TIMING_ROWS else kernels
+            # A weight too large to time whole (the LM head) takes only forms that later loads do not build and
+            # that keep the table's layout: a packed head would be built again on every load, for longer than the
+            # rest of the load takes, and a transposed one would be a second copy of the table.
+            candidates = [k for k in kernels if k.form.kept and not k.form.transposed] \
+                if out_features > HEAD_TIMING_ROWS else kernels
             choice = measure(candidates or kernels, timed, TOLERANCE[precision], clock or clock_for_timing,
                              transposed, out_features)
             stored[key], changed = choice.to_json(), True
