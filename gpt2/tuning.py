@@ -203,6 +203,8 @@ def _copies(form: Form, first: tuple, build_seconds: float, weight: Tensor, bias
     whole = -(-rows // weight.size(0))
     count = min(MAX_COPIES, max(whole, min(-(-ROTATION_BYTES // weight_bytes),
                                            1 + int(COPY_BUILD_SECONDS / max(build_seconds, 1e-9)))))
+    if all(part is None or isinstance(part, Tensor) for part in first):  # tensors: copied, not built again
+        return [first, *(tuple(None if part is None else part.clone() for part in first) for _ in range(count - 1))]
     more = [form.build(torch.empty_like(weight).copy_(weight), bias, None) for _ in range(count - 1)]
     return [first, *(stored for stored in more if stored is not None)]
 
@@ -333,6 +335,10 @@ def choices_for(precision: str, layouts: Iterable[Layout], mode: str,
             # rest of the load takes, and a transposed one would be a second copy of the table.
             candidates = [k for k in kernels if k.form.kept and not k.form.transposed] \
                 if out_features > HEAD_TIMING_ROWS else kernels
+            if precision == "int8" and out_features > HEAD_TIMING_ROWS:
+                from gpt2.quantize import for_the_head
+
+                candidates = for_the_head(candidates)
             choice = measure(candidates or kernels, timed, TOLERANCE[precision], clock or clock_for_timing,
                              transposed, out_features)
             stored[key], changed = choice.to_json(), True
