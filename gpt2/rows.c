@@ -25,8 +25,6 @@
 #define WIDE_ROWS 1
 #define WIDE_XROWS 8
 #endif
-#define MAX_ROWS R
-#define MAX_XROWS WIDE_XROWS
 #define VL (VBYTES / 4) /* floats per vector */
 #define R 4             /* weight rows per tile */
 #define AHEAD 4         /* weight rows prefetched ahead */
@@ -61,12 +59,12 @@ static inline float sum(vf v) { float s = 0; for (int i = 0; i < VL; i++) s += v
                                                            int64_t N, int64_t n, int64_t m, const int rows,        \
                                                            const int xrows) {                                      \
         enum { LINE = 64 / sizeof(W) }; /* weights per cache line, a multiple of VL */                             \
-        vf acc[MAX_ROWS][MAX_XROWS] = {0};                                                                         \
+        vf acc[R][WIDE_XROWS] = {0};                                                                               \
         int64_t k = 0;                                                                                             \
         for (; k + LINE <= K; k += LINE) {                                                                         \
             for (int r = 0; r < rows; r++) __builtin_prefetch(w + (n + r + AHEAD) * K + k, 0, 3);                  \
             for (int v = 0; v < LINE; v += VL) {                                                                   \
-                vf wv[MAX_ROWS];                                                                                   \
+                vf wv[R];                                                                                          \
                 for (int r = 0; r < rows; r++) wv[r] = LOAD(w + (n + r) * K + k + v);                              \
                 for (int j = 0; j < xrows; j++) {                                                                  \
                     vf xv = load_f32(x + (m + j) * K + k + v);                                                     \

@@ -309,9 +309,9 @@ def default_choice(kernels: list[Kernel]) -> Choice:
 
 
 def choices_for(precision: str, layouts: Iterable[Layout], mode: str,
-                clock: Clock | None = None) -> dict[Layout, Choice]:
-    """A ranking for every weight layout: from the cache file, or measured (and written there), or the
-    defaults."""
+                clock: Clock | None = None, head: Layout | None = None) -> dict[Layout, Choice]:
+    """A ranking for every weight layout (`head`: the LM head's): from the cache file, or measured (and
+    written there), or the defaults."""
     kernels = kernels_for(precision, mode != "default")
     if not kernels:
         raise GPT2Error(f"this torch build ({torch.__version__}) has no CPU kernel for {precision} products "
@@ -330,17 +330,15 @@ def choices_for(precision: str, layouts: Iterable[Layout], mode: str,
         if choice is None or not set(choice.decode) <= names:
             (out_features, in_features), transposed = layout
             timed = (min(out_features, HEAD_TIMING_ROWS), in_features)
-            # A weight too large to time whole (the LM head) takes only forms that later loads do not build and
-            # that keep the table's layout: a packed head would be built again on every load, for longer than the
-            # rest of the load takes, and a transposed one would be a second copy of the table.
-            candidates = [k for k in kernels if k.form.kept and not k.form.transposed] \
-                if out_features > HEAD_TIMING_ROWS else kernels
-            if precision == "int8" and out_features > HEAD_TIMING_ROWS:
-                from gpt2.quantize import for_the_head
-
-                candidates = for_the_head(candidates)
-            choice = measure(candidates or kernels, timed, TOLERANCE[precision], clock or clock_for_timing,
-                             transposed, out_features)
+            candidates = kernels
+            if layout == head:
+                # The LM head is timed only on forms that later loads do not build and that keep the table's
+                # layout: a packed head would be built again on every load, for longer than the rest of the load
+                # takes, and a transposed one would be a second copy of the table.
+                candidates = head_kernels(precision, kernels)
+                candidates = [k for k in candidates if k.form.kept and not k.form.transposed] or candidates
+            choice = measure(candidates, timed, TOLERANCE[precision], clock or clock_for_timing, transposed,
+                             out_features)
             stored[key], changed = choice.to_json(), True
         choices[layout] = choice
     if changed:
@@ -380,6 +378,15 @@ def projection(weight: Tensor, bias: Tensor | None, choice: Choice, kernels: lis
                     f"{tuple(weight.shape)}: use another --dtype")
 
 
+def head_kernels(precision: str, kernels: list[Kernel]) -> list[Kernel]:
+    """The LM head's candidates among `kernels` (int8: gpt2.quantize.for_the_head's)."""
+    if precision != "int8":
+        return kernels
+    from gpt2.quantize import for_the_head
+
+    return for_the_head(kernels)
+
+
 def layout_of(weight: Tensor) -> Layout:
     return tuple(weight.shape), not weight.is_contiguous()
 
@@ -406,14 +413,13 @@ def use_cpu_kernels(model: nn.Module, precision: str, mode: str | None = None,
     wte = model.transformer.wte.weight
     dtype = wte.dtype
     weights = [getattr(parent, name).weight for parent, name in places] + [wte]
-    choices = choices_for(precision, [layout_of(weight) for weight in weights], mode)
+    choices = choices_for(precision, [layout_of(weight) for weight in weights], mode, head=layout_of(wte))
     kernels = kernels_for(precision, mode != "default")
     names = {id(module): name for name, module in model.named_modules()}
-    calibration, head_kernels, dynamic, settled = None, kernels, {}, None
+    calibration, dynamic, settled = None, {}, None
     if precision == "int8":
-        from gpt2.quantize import calibrate, for_the_head, keep_the_contract, quantizes_activations, settling_limits
+        from gpt2.quantize import calibrate, keep_the_contract, quantizes_activations, settling_limits
 
-        head_kernels = for_the_head(kernels)
         settling = json.dumps([settling_limits(), sorted(f"{cache_key(precision, layout)}: {', '.join(choice.decode)}"
                                                          for layout, choice in choices.items())])
         wanted = [names[id(getattr(parent, name))] for parent, name in places] + ["lm_head"]
@@ -443,7 +449,8 @@ def use_cpu_kernels(model: nn.Module, precision: str, mode: str | None = None,
     # Packing runs on one thread per weight (FBGEMM's) and lets go of the GIL: one packer per thread.
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
         list(pool.map(replace, places))
-    model.lm_head = give("lm_head", wte, None, head_kernels, inputs.get(id(model.transformer.ln_f)), tied=True)
+    model.lm_head = give("lm_head", wte, None, head_kernels(precision, kernels), inputs.get(id(model.transformer.ln_f)),
+                         tied=True)
     for module in model.modules():
         if isinstance(module, nn.LayerNorm) or module is model.transformer.wpe:
             module.float()

@@ -212,10 +212,10 @@ def test_choices_are_written_then_read_then_measured_again_for_a_new_key(fake_ke
 
 
 def test_the_head_is_timed_on_kept_forms_over_its_whole_tables_bytes(clock, empty_cache, monkeypatch):
-    """A weight of more rows than HEAD_TIMING_ROWS (the LM head) is timed on a slice of them, in copies that
-    add up to the whole table however slow its form is to build, and only on forms that later loads keep in
-    the table's layout: a packed head would be built on every load, a transposed one is a second table.
-    A smaller weight takes those where they are faster."""
+    """The LM head, of more rows than HEAD_TIMING_ROWS, is timed on a slice of them, in copies that add up to
+    the whole table however slow its form is to build, and only on forms that later loads keep in the table's
+    layout: a packed head would be built on every load, a transposed one is a second table. Another weight
+    takes those where they are faster."""
     def slow_build(weight, bias, inputs):
         clock.now += 1.0  # past COPY_BUILD_SECONDS: a block's weight would be timed on one copy
         return DENSE.build(weight, bias, inputs)
@@ -228,7 +228,7 @@ def test_the_head_is_timed_on_kept_forms_over_its_whole_tables_bytes(clock, empt
     monkeypatch.setattr(gpt2.tuning, "kernels_for", lambda precision, native: kernels)
     monkeypatch.setattr(gpt2.tuning, "HEAD_TIMING_ROWS", 64)
     head, block = ((256, 8), False), ((64, 8), False)
-    assert choices_for("float32", [head], "cached", clock)[head].decode == ("kept",)
+    assert choices_for("float32", [head], "cached", clock, head=head)[head].decode == ("kept",)
     # the correctness check, the untimed call, then REPEATS passes over 4 copies of the 64-row slice
     assert clock.calls.count(("kept", DECODE_TIMING_ROWS[0])) == 2 + REPEATS * 4
     assert set(choices_for("float32", [block], "cached", clock)[block].decode[:2]) == {"packed, fast",
