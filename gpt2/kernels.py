@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from gpt2.errors import GPT2Error
 from gpt2.native import available as native_available
-from gpt2.native import rows_product
+from gpt2.native import native_run
 
 # oneDNN's packed layout is tuned for a row count: decoding's few rows.
 PACK_ROWS = 8
@@ -258,7 +258,7 @@ def float_kernels(dtype: torch.dtype, native: bool = False) -> list[Kernel]:
                  if onednn_linear_available(dtype) else []),  # without it `linear` is F.linear
                Kernel(f"{_short(dtype)} oneDNN packed", packed, _in(dtype)(linear), takes)]
     if native:
-        kernels.append(Kernel(f"{_short(dtype)} native", dense, _native_run, prefills=False))
+        kernels.append(Kernel(f"{_short(dtype)} native", dense, native_run, prefills=False))
     if dtype == torch.float32:  # and transformers' own product, on the Conv1D layout
         return [*kernels, Kernel("float32 x @ w", _transposed_form(dtype), _addmm)]
     # First (the choice without measuring): float32 activations, the weights widened in registers.
@@ -267,10 +267,6 @@ def float_kernels(dtype: torch.dtype, native: bool = False) -> list[Kernel]:
 
 def _float16_run(x: Tensor, stored: Stored) -> Tensor:
     return torch.ops.quantized.linear_dynamic_fp16(x.float(), stored[0]).to(x.dtype)
-
-
-def _native_run(x: Tensor, stored: Stored) -> Tensor:
-    return rows_product(x, *stored)
 
 
 def _matvec(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from gpt2.config import GPT2Config
 from gpt2.kernels import DECODE_ROWS, Linear, Projection, check_movable, linear
+from gpt2.native_blocks import NativeBlocks
 
 CACHE_SLOT_STEP = 64  # KV caches are allocated in multiples of this many slots (see setup_caches)
 
@@ -233,6 +234,10 @@ class GPT2LMHeadModel(nn.Module):
         elif position_ids is None:
             position_ids = (start + torch.arange(T, device=device)).unsqueeze(0)  # (1, T)
         x = self.transformer.wte(idx) + self.transformer.wpe(position_ids)  # (B, T, n_embd)
+        if T == 1 and x.device.type == "cpu" and not torch.is_grad_enabled():
+            blocks = NativeBlocks.of(self)
+            if blocks is not None and blocks.run(self, x, start, key_valid):
+                return x
         keys = self._kv_caches[0].slots if isinstance(start, Tensor) else start + T
         mask = self._attention_mask(start, T, keys, key_valid, device)
         dtype = self.prompt_dtype if self.prompt_dtype and T > 1 and B * T > DECODE_ROWS else x.dtype

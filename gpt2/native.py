@@ -19,6 +19,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -75,8 +76,12 @@ def library(dtype: torch.dtype, flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL |
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError):
         return None
-    getattr(lib, name).argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    getattr(lib, name).argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 3 \
+        + [ctypes.c_int]
     getattr(lib, name).restype = None
+    lib.decode_blocks.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 5 \
+        + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
+    lib.decode_blocks.restype = ctypes.c_int
     return lib
 
 
@@ -86,24 +91,80 @@ def available(dtype: torch.dtype) -> bool:
 
 
 def rows_product(x: Tensor, weight: Tensor, bias: Tensor | None = None, scales: Tensor | None = None,
+                 outliers: Tensor | None = None, columns: Tensor | None = None,
                  lib: ctypes.CDLL | None = None) -> Tensor:
-    """x (rows, in) float32 @ weight (out, in).T [* scales (out,), for int8] + bias (out,): float32 (rows, out).
-    The weight is float32, bfloat16 or int8 and contiguous; bias and scales are in FUNCTIONS' dtype."""
+    """x (rows, in) float32 @ weight (out, in).T [* scales (out,), for int8] + bias (out,) [+ x's outlier
+    dimensions (k,) int64 @ their float32 columns (out, k).T, int8's]: float32 (rows, out). The weight is
+    float32, bfloat16 or int8 and contiguous; bias and scales are in FUNCTIONS' dtype."""
     lib = lib or library(weight.dtype)
-    _, name, bias_dtype = FUNCTIONS[weight.dtype]
     x = x.contiguous()
-    rows, (out_features, in_features) = x.size(0), weight.shape
-    if x.dtype != torch.float32 or x.dim() != 2 or x.size(1) != in_features or not weight.is_contiguous() \
-            or not _fits(bias, bias_dtype, out_features) or (weight.dtype == torch.int8) != (scales is not None) \
-            or not _fits(scales, torch.bfloat16, out_features):
-        raise ValueError(f"{name}: operands x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} "
-                         f"{weight.dtype} do not fit")
-    y = torch.empty(rows, out_features)
-    getattr(lib, name)(x.data_ptr(), weight.data_ptr(), None if scales is None else scales.data_ptr(),
-                       None if bias is None else bias.data_ptr(), y.data_ptr(), rows, in_features, out_features,
-                       torch.get_num_threads())
+    y = torch.empty(x.size(0), weight.size(0))
+    product = Product.of(weight, bias, scales, outliers, columns)
+    product.check(x)
+    getattr(lib, FUNCTIONS[weight.dtype][1])(x.data_ptr(), *product.pointers(), y.data_ptr(), x.size(0),
+                                             weight.size(1), weight.size(0), torch.get_num_threads())
     return y
 
 
-def _fits(vector: Tensor | None, dtype: torch.dtype, size: int) -> bool:
-    return vector is None or (vector.dtype == dtype and vector.shape == (size,) and vector.is_contiguous())
+def native_run(x: Tensor, stored: tuple) -> Tensor:
+    """The native candidates' Kernel.run: `stored` is a dense form's (weight, bias) or int8's weight-only form
+    (quantized, scales, bias, outliers, columns)."""
+    return rows_product(x, *Product.of_form(stored).tensors())
+
+
+@dataclass(frozen=True)
+class Product:
+    """One product's operands as rows.c's `struct product` takes them (int8's scales, outliers, columns: None
+    for float weights and where no input dimension is an outlier)."""
+
+    weight: Tensor
+    bias: Tensor | None = None
+    scales: Tensor | None = None
+    outliers: Tensor | None = None
+    columns: Tensor | None = None
+
+    @classmethod
+    def of(cls, weight: Tensor, bias: Tensor | None = None, scales: Tensor | None = None,
+           outliers: Tensor | None = None, columns: Tensor | None = None) -> Product:
+        if outliers is not None and outliers.numel() == 0:
+            outliers = columns = None
+        return cls(weight, bias, scales, outliers, columns)
+
+    @classmethod
+    def of_form(cls, stored: tuple) -> Product:
+        if len(stored) == 2:
+            return cls.of(*stored)
+        quantized, scales, bias, outliers, columns = stored
+        return cls.of(quantized, bias, scales, outliers, columns)
+
+    def tensors(self) -> tuple[Tensor | None, ...]:
+        return self.weight, self.bias, self.scales, self.outliers, self.columns
+
+    def check(self, x: Tensor | None = None) -> None:
+        """ValueError unless the operands fit rows.c (and x (rows, in) float32 where given)."""
+        weight = self.weight
+        out_features, in_features = weight.shape if weight.dim() == 2 else (0, -1)
+        n_outliers = 0 if self.outliers is None else self.outliers.numel()
+        if weight.dtype not in FUNCTIONS or not weight.is_contiguous() or weight.dim() != 2 \
+                or (x is not None and (x.dtype != torch.float32 or x.dim() != 2 or x.size(1) != in_features)) \
+                or not _fits(self.bias, FUNCTIONS[weight.dtype][2], (out_features,)) \
+                or (weight.dtype == torch.int8) != (self.scales is not None) \
+                or not _fits(self.scales, torch.bfloat16, (out_features,)) \
+                or not _fits(self.outliers, torch.int64, (n_outliers,)) \
+                or not _fits(self.columns, torch.float32, (out_features, n_outliers)) \
+                or (n_outliers and (int(self.outliers.min()) < 0 or int(self.outliers.max()) >= in_features)):
+            shape = "" if x is None else f"x {tuple(x.shape)} {x.dtype}, "
+            raise ValueError(f"the native product: operands {shape}weight {tuple(weight.shape)} {weight.dtype} "
+                             "do not fit")
+
+    def pointers(self) -> tuple[int | None, ...]:
+        """Its fields of struct product: weight, scales, bias, outliers, columns, n_outliers."""
+        def address(tensor: Tensor | None) -> int | None:
+            return None if tensor is None else tensor.data_ptr()
+
+        return (address(self.weight), address(self.scales), address(self.bias), address(self.outliers),
+                address(self.columns), 0 if self.outliers is None else self.outliers.numel())
+
+
+def _fits(tensor: Tensor | None, dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
+    return tensor is None or (tensor.dtype == dtype and tensor.shape == shape and tensor.is_contiguous())

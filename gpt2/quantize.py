@@ -36,7 +36,7 @@ from gpt2.kernels import (
     int8_weight_only_available,
 )
 from gpt2.model import GPT2LMHeadModel
-from gpt2.native import rows_product
+from gpt2.native import native_run
 from gpt2.tuning import Choice, projection, projection_places
 
 # A projection takes the dynamic kernel only where, on the calibration activations, its largest error is
@@ -172,11 +172,6 @@ def _weight_only_run(x: Tensor, stored: Stored) -> Tensor:
     return _with_outliers(y, x, outliers, columns)
 
 
-def _native_run(x: Tensor, stored: Stored) -> Tensor:
-    quantized, scales, bias, outliers, columns = stored
-    return _with_outliers(rows_product(x, quantized, bias, scales), x, outliers, columns)
-
-
 def _widened_run(x: Tensor, stored: Stored, dtype: torch.dtype = torch.bfloat16) -> Tensor:
     """The weight-only form's product as a GPU runs it (Int8Linear.dequantized): the weight widened to `dtype`,
     then torch's product in it. Widening costs a pass over the weight, which a prompt's hundreds of rows repay:
@@ -293,7 +288,7 @@ def int8_kernels(native: bool = False) -> list[Kernel]:
             Kernel("int8 weight widened to bfloat16", INT8_WEIGHT_ONLY, _widened_run),
             Kernel("int8 weight widened to float32", INT8_WEIGHT_ONLY,
                    functools.partial(_widened_run, dtype=torch.float32)),
-            *([Kernel("int8 native", INT8_WEIGHT_ONLY, _native_run, prefills=False)] if native else [])]
+            *([Kernel("int8 native", INT8_WEIGHT_ONLY, native_run, prefills=False)] if native else [])]
 
 
 def for_the_head(kernels: list[Kernel]) -> list[Kernel]:

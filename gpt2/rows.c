@@ -1,35 +1,40 @@
-/* y (M, N) = x (M, K) @ w (N, K).T [* scales] + bias for the few rows of a decode step (M <= 8), compiled on the
-   machine that runs it (gpt2/native.py) with -march=native.
+/* The few rows of a decode step (up to 8 prompts), compiled on the machine that runs it (gpt2/native.py) with
+   -march=native: the products y = x @ w.T [* scales] + bias, and the whole stack of blocks in one call.
 
    Decoding reads every weight once per step, so its products are bound by memory: each weight row is widened
    to float32 in registers (bfloat16 by a shift, int8 by a conversion; x stays float32, so the product is exact
    up to float32 sums), used for all of x's rows while it is there, and the rows a few ahead are prefetched:
    without that, the hardware prefetcher restarts at every 4 KB page and a weight streams at half the speed.
-   The output rows are split between the threads of torch's own OpenMP pool. */
+   The output rows are split between the threads of torch's own OpenMP pool.
+
+   Around the products a step does little arithmetic (layer norms, a few keys of attention, gelu) but, as
+   torch ops, about 200 calls with Python between them: as long as a bfloat16 step's products. decode_blocks
+   runs them all in one parallel region, each op split between the threads and a barrier after it. */
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__x86_64__) && defined(ROWS_I8)
 #include <immintrin.h> /* a sixth of a second to compile */
 #endif
 
-/* A tile is R weight rows by XROWS rows of x, or WIDE_ROWS by WIDE_XROWS where x has that many rows (a decode
-   step of 8 prompts reads each weight once): their accumulators must fit the registers (32 with AVX-512). */
+/* x is taken XROWS rows at a time (a decode step of up to 8 prompts reads each weight once), against R weight rows
+   at once, in tiles of as many of them as ACC accumulators allow (half the vector registers). */
 #if defined(__AVX512F__)
 #define VBYTES 64
-#define XROWS 4
-#define WIDE_ROWS 2
-#define WIDE_XROWS 8
+#define ACC 16
 #else
 #define VBYTES 32
-#define XROWS 2
-#define WIDE_ROWS 1
-#define WIDE_XROWS 8
+#define ACC 8
 #endif
-#define VL (VBYTES / 4) /* floats per vector */
+#define XROWS 8
 #define R 4             /* weight rows per tile */
+#define TILE_ROWS(xrows) ((xrows) * 4 <= ACC ? 4 : (xrows) * 2 <= ACC ? 2 : 1)
+#define VL (VBYTES / 4) /* floats per vector */
 #define AHEAD 4         /* weight rows prefetched ahead */
 
 typedef float vf __attribute__((vector_size(VBYTES), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(VBYTES), aligned(4)));
 typedef uint32_t vu __attribute__((vector_size(VBYTES), aligned(4)));
 typedef uint16_t vbf __attribute__((vector_size(VBYTES / 2), aligned(2)));
 
@@ -37,6 +42,7 @@ static inline float bf16(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; 
 static inline float f32(float v) { return v; }
 static inline float i8(int8_t v) { return (float)v; }
 static inline vf load_f32(const float *p) { return *(const vf *)p; }
+static inline void store_f32(float *p, vf v) { *(vf *)p = v; }
 static inline vf load_bf16(const uint16_t *p) { return (vf)(__builtin_convertvector(*(const vbf *)p, vu) << 16); }
 /* GCC 12 does not vectorise an int8 -> float convertvector. */
 #if defined(__AVX512F__) && defined(ROWS_I8)
@@ -50,72 +56,260 @@ static inline vf load_i8(const int8_t *p) {
 #else
 static inline vf load_i8(const int8_t *p) { vf v; for (int i = 0; i < VL; i++) v[i] = p[i]; return v; }
 #endif
+static inline vf splat(float v) { return (vf){0} + v; }
 static inline float sum(vf v) { float s = 0; for (int i = 0; i < VL; i++) s += v[i]; return s; }
+static inline vf pick(vi mask, vf yes, vf no) { return (vf)((mask & (vi)yes) | (~mask & (vi)no)); }
 
-/* y[m + j, n + r] for r < rows, j < xrows (constants where inlined, so the accumulators stay in registers). A
-   weight row is prefetched once per cache line, AHEAD rows ahead. */
-#define TILE(NAME, W, LOAD, WIDEN)                                                                                \
-    static inline __attribute__((always_inline)) void NAME(const float *x, const W *w, float *y, int64_t K,        \
-                                                           int64_t N, int64_t n, int64_t m, const int rows,        \
-                                                           const int xrows) {                                      \
-        enum { LINE = 64 / sizeof(W) }; /* weights per cache line, a multiple of VL */                             \
-        vf acc[R][WIDE_XROWS] = {0};                                                                               \
-        int64_t k = 0;                                                                                             \
-        for (; k + LINE <= K; k += LINE) {                                                                         \
-            for (int r = 0; r < rows; r++) __builtin_prefetch(w + (n + r + AHEAD) * K + k, 0, 3);                  \
-            for (int v = 0; v < LINE; v += VL) {                                                                   \
-                vf wv[R];                                                                                          \
-                for (int r = 0; r < rows; r++) wv[r] = LOAD(w + (n + r) * K + k + v);                              \
-                for (int j = 0; j < xrows; j++) {                                                                  \
-                    vf xv = load_f32(x + (m + j) * K + k + v);                                                     \
-                    for (int r = 0; r < rows; r++) acc[r][j] += wv[r] * xv;                                        \
-                }                                                                                                  \
-            }                                                                                                      \
-        }                                                                                                          \
-        for (int r = 0; r < rows; r++)                                                                             \
-            for (int j = 0; j < xrows; j++) {                                                                      \
-                float s = sum(acc[r][j]);                                                                          \
-                for (int64_t t = k; t < K; t++) s += x[(m + j) * K + t] * WIDEN(w[(n + r) * K + t]);               \
-                y[(m + j) * N + n + r] = s;                                                                        \
-            }                                                                                                      \
-    }
+/* e**x, within 2 ulp (Cephes' expf: x = n ln 2 + r, |r| <= ln 2 / 2, a polynomial in r times 2**n); x is
+   clamped to [-87, 88], where 2**n is a normal float. */
+static inline vf exp_v(vf x) {
+    x = pick(x > splat(88.0f), splat(88.0f), x);
+    x = pick(x < splat(-87.0f), splat(-87.0f), x);
+    vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* rounded to the nearest integer */
+    vf r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    vf p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    return p * (vf)((__builtin_convertvector(n, vi) + 127) << 23);
+}
+static inline float exp_1(float x) { return exp_v(splat(x))[0]; }
 
+/* ---------------------------------------------------------------------------------------------- products */
 
-/* The product of a weight of type W, its bias of type B (NULL: none) and, for int8, bfloat16 row scales. */
-#define ROWS(NAME, TILE_FN, W, B, WIDEN_BIAS, SCALED)                                                              \
-    void NAME(const float *x, const W *w, const uint16_t *scales, const B *bias, float *y, int64_t M, int64_t K,   \
-              int64_t N, int threads) {                                                                            \
-        int64_t tiles = (N + R - 1) / R;                                                                           \
-        _Pragma("omp parallel for num_threads(threads) schedule(static)")                                         \
-        for (int64_t t = 0; t < tiles; t++) {                                                                      \
-            int64_t n = t * R, m = 0;                                                                              \
-            if (n + R <= N) {                                                                                      \
-                for (; m + WIDE_XROWS <= M; m += WIDE_XROWS)                                                       \
-                    for (int r = 0; r < R; r += WIDE_ROWS) TILE_FN(x, w, y, K, N, n + r, m, WIDE_ROWS, WIDE_XROWS);\
-                for (; m + XROWS <= M; m += XROWS) TILE_FN(x, w, y, K, N, n, m, R, XROWS);                         \
-                for (; m + 2 <= M; m += 2) TILE_FN(x, w, y, K, N, n, m, R, 2);                                     \
-                for (; m < M; m++) TILE_FN(x, w, y, K, N, n, m, R, 1);                                             \
-            } else {                                                                                               \
-                for (; n < N; n++)                                                                                 \
-                    for (m = 0; m < M; m++) TILE_FN(x, w, y, K, N, n, m, 1, 1);                                    \
-            }                                                                                                      \
-            for (n = t * R; n < t * R + R && n < N; n++)                                                           \
-                for (m = 0; m < M; m++) {                                                                          \
-                    float *out = y + m * N + n;                                                                    \
-                    if (SCALED) *out *= bf16(scales[n]);                                                           \
-                    if (bias) *out += WIDEN_BIAS(bias[n]);                                                         \
-                }                                                                                                  \
-        }                                                                                                          \
-    }
-
-/* One weight type per build (-DROWS_F32, -DROWS_BF16 or -DROWS_I8): a build takes a third of the time of all. */
 #if defined(ROWS_F32)
-TILE(tile_f32, float, load_f32, f32)
-ROWS(rows_f32, tile_f32, float, float, f32, 0)
+typedef float W;
+typedef float BIAS;
+#define LOAD load_f32
+#define WIDEN f32
+#define WIDEN_BIAS f32
+#define SCALED 0
+#define ROWS rows_f32
 #elif defined(ROWS_BF16)
-TILE(tile_bf16, uint16_t, load_bf16, bf16)
-ROWS(rows_bf16, tile_bf16, uint16_t, uint16_t, bf16, 0)
+typedef uint16_t W;
+typedef uint16_t BIAS;
+#define LOAD load_bf16
+#define WIDEN bf16
+#define WIDEN_BIAS bf16
+#define SCALED 0
+#define ROWS rows_bf16
 #elif defined(ROWS_I8)
-TILE(tile_i8, int8_t, load_i8, i8)
-ROWS(rows_i8, tile_i8, int8_t, uint16_t, bf16, 1)
+typedef int8_t W;
+typedef uint16_t BIAS;
+#define LOAD load_i8
+#define WIDEN i8
+#define WIDEN_BIAS bf16
+#define SCALED 1
+#define ROWS rows_i8
+#else
+#error "build with one of -DROWS_F32, -DROWS_BF16, -DROWS_I8"
 #endif
+
+/* One weight (N, K) and what its product adds: int8's bfloat16 row scales, the bias (NULL: none), and int8's
+   outlier input dimensions (gpt2.quantize), whose weight columns (N, n_outliers) stay float32. */
+struct product {
+    const W *weight;
+    const uint16_t *scales;
+    const BIAS *bias;
+    const int64_t *outliers;
+    const float *columns;
+    int64_t n_outliers;
+};
+
+/* out[j * R + r] = x[m + j] . w[n + r] for r < rows, j < xrows (constants where inlined, so the accumulators
+   stay in registers). A weight row is prefetched once per cache line, AHEAD rows ahead. */
+static inline __attribute__((always_inline)) void tile(const float *x, const W *w, float *out, int64_t K, int64_t n,
+                                                       int64_t m, const int rows, const int xrows) {
+    enum { LINE = 64 / sizeof(W) }; /* weights per cache line, a multiple of VL */
+    vf acc[R][XROWS] = {0};
+    int64_t k = 0;
+    for (; k + LINE <= K; k += LINE) {
+        for (int r = 0; r < rows; r++) __builtin_prefetch(w + (n + r + AHEAD) * K + k, 0, 3);
+        for (int v = 0; v < LINE; v += VL) {
+            vf wv[R];
+            for (int r = 0; r < rows; r++) wv[r] = LOAD(w + (n + r) * K + k + v);
+            for (int j = 0; j < xrows; j++) {
+                vf xv = load_f32(x + (m + j) * K + k + v);
+                for (int r = 0; r < rows; r++) acc[r][j] += wv[r] * xv;
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int j = 0; j < xrows; j++) {
+            float s = sum(acc[r][j]);
+            for (int64_t t = k; t < K; t++) s += x[(m + j) * K + t] * WIDEN(w[(n + r) * K + t]);
+            out[j * R + r] = s;
+        }
+}
+
+/* y (M, N) = x (M, K) @ w.T [* scales] + bias [+ the outliers' product], or y += that where `add` (the residual
+   stream). The tiles of R weight rows are split between the threads of the enclosing parallel region. */
+static void product(const struct product *p, const float *x, float *y, int64_t M, int64_t K, int64_t N, int add) {
+    const W *w = p->weight;
+    int64_t tiles = (N + R - 1) / R;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        int64_t n0 = t * R;
+        int rows = N - n0 < R ? (int)(N - n0) : R;
+        for (int64_t m0 = 0; m0 < M; m0 += XROWS) {
+            int64_t end = m0 + XROWS < M ? m0 + XROWS : M, m;
+            float out[XROWS * R];
+            if (rows == R) {
+                switch (end - m0) { /* a tile shape per row count, whose loops the compiler unrolls */
+#define TILES(xrows)                                                                                               \
+    case xrows:                                                                                                    \
+        for (int r = 0; r < R; r += TILE_ROWS(xrows)) tile(x, w, out + r, K, n0 + r, m0, TILE_ROWS(xrows), xrows); \
+        break;
+                    TILES(1) TILES(2) TILES(3) TILES(4) TILES(5) TILES(6) TILES(7) TILES(8)
+#undef TILES
+                }
+            } else {
+                for (int r = 0; r < rows; r++)
+                    for (m = m0; m < end; m++) tile(x, w, out + (m - m0) * R + r, K, n0 + r, m, 1, 1);
+            }
+            for (m = m0; m < end; m++)
+                for (int r = 0; r < rows; r++) {
+                    int64_t n = n0 + r;
+                    float v = out[(m - m0) * R + r];
+                    if (SCALED) v *= bf16(p->scales[n]);
+                    if (p->bias) v += WIDEN_BIAS(p->bias[n]);
+                    for (int64_t j = 0; j < p->n_outliers; j++)
+                        v += x[m * K + p->outliers[j]] * p->columns[n * p->n_outliers + j];
+                    if (add)
+                        y[m * N + n] += v;
+                    else
+                        y[m * N + n] = v;
+                }
+        }
+    }
+}
+
+/* The product alone (gpt2.native.rows_product): bias and scales may be NULL, outliers as in struct product. */
+void ROWS(const float *x, const W *w, const uint16_t *scales, const BIAS *bias, const int64_t *outliers,
+          const float *columns, int64_t n_outliers, float *y, int64_t M, int64_t K, int64_t N, int threads) {
+    struct product p = {w, scales, bias, outliers, columns, n_outliers};
+#pragma omp parallel num_threads(threads)
+    product(&p, x, y, M, K, N, 0);
+}
+
+/* ------------------------------------------------------------------------------------------ the blocks */
+
+/* One block's parameters (the layer norms' float32) and its KV cache (M, n_head, slots, head_dim) float32. */
+struct block {
+    const float *ln_1_weight, *ln_1_bias, *ln_2_weight, *ln_2_bias;
+    struct product c_attn, attn_proj, c_fc, mlp_proj;
+    float *k, *v;
+};
+
+/* The shapes of a step, and for each of its M rows the cache slot its token goes to and the slots it attends
+   to (keys[m * slots ...], n_keys[m] of them). */
+struct step {
+    int64_t M, C, inner, n_head, slots;
+    float eps;
+    const int64_t *slot;
+    const int32_t *keys, *n_keys;
+};
+
+static void layer_norm(const struct step *s, const float *x, const float *weight, const float *bias, float *y) {
+    int64_t C = s->C;
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < s->M; m++) {
+        const float *row = x + m * C;
+        float mean = 0, var = 0;
+        for (int64_t c = 0; c < C; c++) mean += row[c];
+        mean /= C;
+        for (int64_t c = 0; c < C; c++) var += (row[c] - mean) * (row[c] - mean);
+        float rstd = 1.0f / sqrtf(var / C + s->eps);
+        for (int64_t c = 0; c < C; c++) y[m * C + c] = (row[c] - mean) * rstd * weight[c] + bias[c];
+    }
+}
+
+/* gelu with tanh, 0.5 x (1 + tanh(u)), as x - x / (e**2u + 1). */
+static void gelu(float *x, int64_t n) {
+    const float a = 2 * 0.7978845608028654f, b = 2 * 0.7978845608028654f * 0.044715f;
+    int64_t vectors = n / VL;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < vectors; i++) {
+        vf v = load_f32(x + i * VL);
+        store_f32(x + i * VL, v - v / (exp_v(v * (a + b * v * v)) + 1.0f));
+    }
+#pragma omp single
+    for (int64_t i = vectors * VL; i < n; i++) x[i] -= x[i] / (exp_1(x[i] * (a + b * x[i] * x[i])) + 1.0f);
+}
+
+static float dot(const float *a, const float *b, int64_t n) {
+    vf acc = {0};
+    int64_t i = 0;
+    for (; i + VL <= n; i += VL) acc += load_f32(a + i) * load_f32(b + i);
+    float s = sum(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* For each row and head: its new key and value into the cache, then softmax(q . keys / sqrt(head_dim)) over the
+   row's slots times their values, into y (M, C). scores: M * n_head * slots floats. */
+static void attention(const struct step *s, const float *qkv, float *kc, float *vc, float *y, float *scores) {
+    int64_t C = s->C, D = C / s->n_head, S = s->slots;
+    float scale = 1.0f / sqrtf((float)D);
+#pragma omp for schedule(static)
+    for (int64_t mh = 0; mh < s->M * s->n_head; mh++) {
+        int64_t m = mh / s->n_head, h = mh % s->n_head, n = s->n_keys[m];
+        const float *q = qkv + m * 3 * C + h * D;
+        float *k = kc + mh * S * D, *v = vc + mh * S * D, *score = scores + mh * S, *out = y + m * C + h * D;
+        const int32_t *keys = s->keys + m * S;
+        memcpy(k + s->slot[m] * D, q + C, D * sizeof(float));
+        memcpy(v + s->slot[m] * D, q + 2 * C, D * sizeof(float));
+        float top = -INFINITY, total = 0;
+        for (int64_t i = 0; i < n; i++) {
+            score[i] = dot(q, k + keys[i] * D, D) * scale;
+            top = score[i] > top ? score[i] : top;
+        }
+        int64_t i = 0;
+        for (; i + VL <= n; i += VL) store_f32(score + i, exp_v(load_f32(score + i) - top));
+        for (; i < n; i++) score[i] = exp_1(score[i] - top);
+        for (i = 0; i < n; i++) total += score[i];
+        for (int64_t d = 0; d < D; d++) out[d] = 0;
+        for (i = 0; i < n; i++) {
+            const float *value = v + keys[i] * D, p = score[i] / total;
+            for (int64_t d = 0; d < D; d++) out[d] += p * value[d];
+        }
+    }
+}
+
+/* x (M, C), the residual stream of one token per row, through every block: its KV caches get the token's keys
+   and values at slot[m]. The row attends to the slots valid[m * valid_stride + slot] marks up to its own
+   (valid NULL: every one), and always to its own. Returns 0, or -1 where memory runs out (x untouched). */
+int decode_blocks(const struct block *blocks, int64_t n_layer, float *x, int64_t M, int64_t C, int64_t inner,
+                  int64_t n_head, int64_t slots, const int64_t *slot, const uint8_t *valid, int64_t valid_stride,
+                  float eps, int threads) {
+    float *h = malloc(M * C * sizeof(float)), *qkv = malloc(M * 3 * C * sizeof(float)),
+          *f = malloc(M * inner * sizeof(float)), *scores = malloc(M * n_head * slots * sizeof(float));
+    int32_t *keys = malloc(M * slots * sizeof(int32_t)), *n_keys = malloc(M * sizeof(int32_t));
+    int status = h && qkv && f && scores && keys && n_keys ? 0 : -1;
+    if (status == 0) {
+        for (int64_t m = 0; m < M; m++) {
+            n_keys[m] = 0;
+            for (int64_t key = 0; key <= slot[m]; key++)
+                if (!valid || valid[m * valid_stride + key] || key == slot[m]) keys[m * slots + n_keys[m]++] = key;
+        }
+        struct step s = {M, C, inner, n_head, slots, eps, slot, keys, n_keys};
+#pragma omp parallel num_threads(threads)
+        for (int64_t l = 0; l < n_layer; l++) {
+            const struct block *b = blocks + l;
+            layer_norm(&s, x, b->ln_1_weight, b->ln_1_bias, h);
+            product(&b->c_attn, h, qkv, M, C, 3 * C, 0);
+            attention(&s, qkv, b->k, b->v, h, scores);
+            product(&b->attn_proj, h, x, M, C, C, 1);
+            layer_norm(&s, x, b->ln_2_weight, b->ln_2_bias, h);
+            product(&b->c_fc, h, f, M, C, inner, 0);
+            gelu(f, M * inner);
+            product(&b->mlp_proj, f, x, M, inner, C, 1);
+        }
+    }
+    free(h), free(qkv), free(f), free(scores), free(keys), free(n_keys);
+    return status;
+}

@@ -20,8 +20,10 @@ compiled).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import math
 import os
 import platform
 import re
@@ -29,7 +31,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,6 +41,7 @@ from torch import Tensor, nn
 from gpt2.errors import GPT2Error
 from gpt2.heap import return_free_memory
 from gpt2.kernels import Form, Kernel, Linear, Projection, Stored, aligned, kernels_for, onednn_linear_available
+from gpt2.native import native_run
 
 if TYPE_CHECKING:
     from gpt2.prepared import Prepared
@@ -64,7 +67,10 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2, "int8": 3e-2}
 SCREEN = 2.0  # a kernel this many times slower than the fastest (after a pass, or at one row) is not timed further
 LOAD_STEPS = 512  # decode steps a load is spread over in the ranking: the CLI's default --length
 REBUILT_MARGIN = 0.25  # how much faster a form built on every load (packed) must be: see step_cost
-RANKING = 10  # how rankings are measured, and of which candidates: part of the cache key, so a change measures again
+# A block product's native kernel is taken where it costs at most this many times the fastest (Choice.for_blocks):
+# with every block product native, a decode step runs its blocks in one call, a fifth faster at batch 1.
+BLOCKS_NATIVE_MARGIN = 1.2
+RANKING = 11  # how rankings are measured, and of which candidates: part of the cache key, so a change measures again
 
 # The instruction sets that decide which kernels win: part of the ranking's key, named in benchmark tables.
 KERNEL_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16",
@@ -79,20 +85,36 @@ clock_for_timing: Clock = time.perf_counter  # what timing reads when no clock i
 
 @dataclass(frozen=True)
 class Choice:
-    """A product's ranking: decode kernels fastest first, and per form the fastest prefill kernel on it."""
+    """A product's ranking: decode kernels fastest first, and per form the fastest prefill kernel on it; `cost`:
+    what each ranked kernel costs a decode step, in seconds (none without measuring)."""
 
     decode: tuple[str, ...]
     prefill: dict[str, str]
+    cost: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"decode": list(self.decode), "prefill": self.prefill}
+        return {"decode": list(self.decode), "prefill": self.prefill, "cost": self.cost}
 
     @staticmethod
     def from_json(entry: object) -> Choice | None:
         if not isinstance(entry, dict) or not isinstance(entry.get("decode"), list) \
-                or not isinstance(entry.get("prefill"), dict):
+                or not isinstance(entry.get("prefill"), dict) or not isinstance(entry.get("cost", {}), dict):
             return None
-        return Choice(tuple(map(str, entry["decode"])), {str(k): str(v) for k, v in entry["prefill"].items()})
+        try:
+            cost = {str(k): float(v) for k, v in entry.get("cost", {}).items()}
+        except (TypeError, ValueError):
+            return None
+        return Choice(tuple(map(str, entry["decode"])), {str(k): str(v) for k, v in entry["prefill"].items()}, cost)
+
+    def for_blocks(self, kernels: list[Kernel]) -> Choice:
+        """The ranking for a block product: the native kernel first where it costs at most BLOCKS_NATIVE_MARGIN
+        times the fastest, since a decode step whose block products are all native runs its blocks in one
+        call (gpt2.native_blocks), which saves more than that."""
+        native = [name for name in self.decode if any(k.name == name and k.run is native_run for k in kernels)]
+        if not native or native[0] == self.decode[0] \
+                or self.cost.get(native[0], math.inf) > BLOCKS_NATIVE_MARGIN * self.cost.get(self.decode[0], 0.0):
+            return self
+        return dataclasses.replace(self, decode=(native[0], *(name for name in self.decode if name != native[0])))
 
 
 def kernels_mode(mode: str | None) -> str:
@@ -276,7 +298,7 @@ def measure(kernels: list[Kernel], shape: tuple[int, int], tolerance: float,
             times = _fastest_calls({name: (by_name[name], stored[form][:1]) for name in names},
                                    inputs[PREFILL_TIMING_ROWS], clock)
             names[:] = [min(times, key=times.get)]
-    return Choice(ranking, {form: names[0] for form, names in prefill.items()})
+    return Choice(ranking, {form: names[0] for form, names in prefill.items()}, {name: cost[name] for name in ranking})
 
 
 def _prefill_candidates(kernels: list[Kernel]) -> dict[str, list[str]]:
@@ -433,7 +455,9 @@ def use_cpu_kernels(model: nn.Module, precision: str, mode: str | None = None,
         if settled is not None:  # an earlier load's int8 outcome under the same settings
             kernels = [kernel for kernel in kernels if kernel.form.name == settled[name]]
         kept = functools.partial(prepared.form, name, weight=weight, bias=bias) if prepared else None
-        new = projection(weight, bias, choices[layout_of(weight)], kernels, dtype, inputs, tied, kept)
+        choice = choices[layout_of(weight)]
+        new = projection(weight, bias, choice if tied else choice.for_blocks(kernels), kernels, dtype, inputs, tied,
+                         kept)
         if prepared:
             prepared.keep_form(name, new, weight, bias)
         return new

@@ -20,12 +20,15 @@ from gpt2.errors import GPT2Error
 from gpt2.kernels import Kernel, _dense_form, _transposed_form, int8_dynamic_available
 from gpt2.model import GPT2LMHeadModel
 from gpt2.native import available as native_available
+from gpt2.native import native_run
 from gpt2.tuning import (
+    BLOCKS_NATIVE_MARGIN,
     DECODE_TIMING_ROWS,
     LOAD_STEPS,
     PREFILL_TIMING_ROWS,
     REBUILT_MARGIN,
     REPEATS,
+    Choice,
     choices_for,
     default_choice,
     kernels_mode,
@@ -235,15 +238,32 @@ def test_the_head_is_timed_on_kept_forms_over_its_whole_tables_bytes(clock, empt
                                                                                        "transposed, fast"}
 
 
-@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"x": 1}', "\x00\xff"])
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"x": 1}', '{"cost": "x"}', "\x00\xff"])
 def test_a_corrupt_cache_file_is_ignored_and_rewritten(fake_kernels, clock, empty_cache, content):
     (empty_cache / "kernels.json").write_text(content, errors="surrogateescape")
     key = gpt2.tuning.cache_key("float32", (W, False))
     if content.startswith('{"x"'):
         (empty_cache / "kernels.json").write_text(json.dumps({key: {"decode": 3}}))  # an entry of the wrong type
+    if content.startswith('{"cost"'):  # a cost that is no number
+        entry = {"decode": ["a"], "prefill": {}, "cost": {"a": "x"}}
+        (empty_cache / "kernels.json").write_text(json.dumps({key: entry}))
     assert choices_for("float32", [(W, False)], "cached", clock)[W, False].decode == ("b", "a")
     assert _cache(empty_cache)[key]["decode"] == ["b", "a"]
     assert not [p for p in empty_cache.iterdir() if p.name.startswith(".kernels-")]  # no temporary left
+
+
+def test_block_products_take_the_native_kernel_within_its_margin(clock):
+    """A block product's ranking puts the native kernel first where it costs at most BLOCKS_NATIVE_MARGIN times
+    the fastest (its step then runs in one call), and keeps the measured order beyond that or without costs."""
+    native = Kernel("native", DENSE, native_run, prefills=False)
+    kernels = [fake_kernel(clock, "a", costs(1, 1, 1)), native]
+    near = Choice(("a", "native"), {DENSE.name: "a"}, {"a": 1.0, "native": BLOCKS_NATIVE_MARGIN * 0.99})
+    far = dataclasses.replace(near, cost={"a": 1.0, "native": BLOCKS_NATIVE_MARGIN * 1.01})
+    assert near.for_blocks(kernels).decode == ("native", "a")
+    assert far.for_blocks(kernels) == far
+    assert dataclasses.replace(near, cost={}).for_blocks(kernels).decode == ("a", "native")
+    assert near.for_blocks([kernels[0], dataclasses.replace(native, run=kernels[0].run)]) == near
+    assert Choice.from_json(json.loads(json.dumps(near.to_json()))) == near
 
 
 def test_modes_tune_measures_again_and_default_measures_nothing(fake_kernels, clock, empty_cache):

@@ -1,6 +1,7 @@
 """The decode kernel compiled on this machine (gpt2.native, gpt2/rows.c): its products against float64 ones on
 every tail of its tiling, for each weight dtype, in its AVX-512 and AVX2 builds; where it cannot be built, no
-candidate and no error."""
+candidate and no error. And a decode step's blocks in one call of it (gpt2.native_blocks) against the torch
+path."""
 
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ import subprocess
 
 import pytest
 import torch
+from conftest import random_hf_model
 
 import gpt2.native
+import gpt2.native_blocks
 from gpt2.checkpoint import load_model
-from gpt2.kernels import kernels_for
-from gpt2.native import FLAGS, FUNCTIONS, library, rows_product
+from gpt2.kernels import Projection, kernels_for
+from gpt2.native import FLAGS, FUNCTIONS, library, native_run, rows_product
+from gpt2.native_blocks import NativeBlocks
 from gpt2.quantize import quantize_rows
+from gpt2.sample import _prefill, generate
 
 # -mno-avx512f: the AVX2 build (8-float vectors, its own tile shapes), which this CPU runs too.
 BUILDS = {"native": FLAGS, "avx2": (*FLAGS, "-mno-avx512f")}
@@ -62,14 +67,14 @@ def _operands(rows: int, out_features: int, in_features: int, dtype: torch.dtype
 
 @pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 16])
 @pytest.mark.parametrize(("out_features", "in_features", "bias"), [(768, 768, True), (13, 77, False), (50, 200, True)])
 def test_products_equal_float64_ones(builds, build, dtype, rows, out_features, in_features, bias):
     """Every tile shape and tail (x rows by 8, 4, 2 and 1; weight rows by 4 and one; the inputs past the last
     cache line), with and without bias and scales: float32 sums of exact products."""
     lib = _compiled(builds, dtype, build)
     x, weight, b, scales, exact = _operands(rows, out_features, in_features, dtype, bias)
-    y = rows_product(x, weight, b, scales, lib)
+    y = rows_product(x, weight, b, scales, lib=lib)
     assert y.shape == (rows, out_features) and y.dtype == torch.float32
     assert (y.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
 
@@ -81,9 +86,9 @@ def test_products_do_not_depend_on_the_thread_count(builds):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = rows_product(x, weight, b, None, lib)
+        one = rows_product(x, weight, b, None, lib=lib)
         torch.set_num_threads(2)
-        two = rows_product(x, weight, b, None, lib)
+        two = rows_product(x, weight, b, None, lib=lib)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
@@ -93,11 +98,11 @@ def test_operands_that_do_not_fit_are_refused(builds):
     lib = _compiled(builds, torch.int8)
     x, weight, b, scales, _ = _operands(2, 16, 32, torch.int8, True)
     with pytest.raises(ValueError, match="do not fit"):
-        rows_product(x[:, :31], weight, b, scales, lib)
+        rows_product(x[:, :31], weight, b, scales, lib=lib)
     with pytest.raises(ValueError, match="do not fit"):
-        rows_product(x, weight, b, None, lib)  # int8 needs its scales
+        rows_product(x, weight, b, None, lib=lib)  # int8 needs its scales
     with pytest.raises(ValueError, match="do not fit"):
-        rows_product(x, weight, b.float(), scales, lib)
+        rows_product(x, weight, b.float(), scales, lib=lib)
 
 
 def test_a_build_is_kept_and_loaded_again_without_compiling(fresh, tmp_path, monkeypatch):
@@ -129,3 +134,159 @@ def test_kernel_mode_default_builds_nothing(fresh, tmp_path, tiny_dir, monkeypat
     model = load_model(tiny_dir, dtype=torch.bfloat16, kernels="default")
     assert not called and not any("native" in decode for decode, _ in model.kernel_choices().values())
     assert not (tmp_path / "cache").exists()
+
+
+def test_int8_outlier_columns_are_added_in_float32(builds):
+    """int8's outlier input dimensions (gpt2.quantize) are multiplied by their float32 columns in the kernel."""
+    for build in BUILDS:
+        lib = _compiled(builds, torch.int8, build)
+        x, weight, b, scales, exact = _operands(3, 50, 200, torch.int8, True)
+        outliers = torch.tensor([3, 17, 199])
+        columns = torch.randn(50, 3, generator=torch.Generator().manual_seed(5))
+        y = rows_product(x, weight, b, scales, outliers, columns, lib=lib)
+        exact = exact + x.double()[:, outliers] @ columns.double().T
+        assert (y.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+        with pytest.raises(ValueError, match="do not fit"):
+            rows_product(x, weight, b, scales, torch.tensor([3, 200]), columns[:, :2], lib=lib)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the blocks of a decode step in one call (gpt2.native_blocks)
+
+PRODUCTS = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))
+LOAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.bfloat16}
+
+
+@pytest.fixture(scope="module")
+def blocks_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("blocks")
+    random_hf_model(11, n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=128).save_pretrained(directory)
+    return directory
+
+
+def on_native(model, precision: str, lib):
+    """The model with every block product on the native kernel, whatever this machine's timing picked; int8's
+    with two outlier input dimensions, whose weight columns stay float32."""
+    native = next((k for k in kernels_for(precision) if k.run is native_run), None)
+    if native is None or lib is None:
+        pytest.skip("no C compiler or OpenMP here")
+    for block in model.transformer.h:
+        for owner, name in PRODUCTS:
+            old = getattr(getattr(block, owner), name)
+            weight, bias = old.weight_and_bias()
+            inputs = torch.ones(4, weight.size(1))
+            inputs[:, [3, 17]] = 100.0
+            stored = native.form.build(weight.float(), bias, inputs if precision == "int8" else None)
+            setattr(getattr(block, owner), name, Projection(stored, native, native, old.dtype, tuple(weight.shape)))
+    return model
+
+
+def torch_path(monkeypatch):
+    monkeypatch.setattr(NativeBlocks, "run", lambda *args: False)
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8"])
+def test_a_decode_step_in_one_call_equals_the_torch_path(builds, blocks_dir, monkeypatch, build, precision):
+    """The last block's output and the KV caches of one step at a common slot and at each row's own slot with a
+    padding hole in key_valid (the scheduler's step), from the same caches: within 1e-5 of the torch path's."""
+    dtype = torch.int8 if precision == "int8" else LOAD_DTYPES[precision]
+    lib = _compiled(builds, dtype, build)
+    monkeypatch.setattr(gpt2.native_blocks, "library", lambda _: lib)
+    model = on_native(load_model(blocks_dir, dtype=LOAD_DTYPES[precision], int8=precision == "int8"), precision, lib)
+    assert NativeBlocks.of(model) is not None
+    if precision == "int8":
+        assert all(part.numel() == 2 for block in model.transformer.h
+                   for part in (block.attn.c_attn.stored[3], block.mlp.c_proj.stored[3]))
+    token = torch.tensor([5, 900, 42])
+    key_valid = torch.ones(3, 64, dtype=torch.bool)
+    key_valid[1, :2] = False  # row 1's first two slots are padding
+    slots = torch.tensor([[9], [7], [8]])
+    ran = []
+    run = NativeBlocks.run
+    monkeypatch.setattr(NativeBlocks, "run", lambda *args: ran.append(run(*args)) or ran[-1])
+    with torch.inference_mode():
+        model.setup_caches(3, 64)
+        _prefill(model, torch.randint(0, 1000, (3, 10), generator=torch.Generator().manual_seed(1)), None, None)
+        before = [(cache.k.clone(), cache.v.clone()) for cache in model.kv_caches()]
+        fused = [model.hidden_states(token.unsqueeze(1), 10),
+                 model.hidden_states(token.unsqueeze(1), slots, slots, key_valid)]
+        fused_caches = [(cache.k.clone(), cache.v.clone()) for cache in model.kv_caches()]
+        for cache, (k, v) in zip(model.kv_caches(), before):
+            cache.k.copy_(k), cache.v.copy_(v)
+        torch_path(monkeypatch)
+        reference = [model.hidden_states(token.unsqueeze(1), 10),
+                     model.hidden_states(token.unsqueeze(1), slots, slots, key_valid)]
+    assert ran == [True, True]
+    for ours, theirs in zip(fused, reference):
+        assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+    for (k, v), cache in zip(fused_caches, model.kv_caches()):
+        assert torch.allclose(k, cache.k, atol=1e-5) and torch.allclose(v, cache.v, atol=1e-5)
+
+
+def test_seeded_tokens_are_those_of_the_torch_path(builds, blocks_dir, monkeypatch):
+    """Prompts of different lengths (left padding, masked), sampled: the same tokens either way."""
+    lib = _compiled(builds, torch.bfloat16)
+    model = on_native(load_model(blocks_dir, dtype=torch.bfloat16), "bfloat16", lib)
+    prompts = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11]]
+
+    def tokens() -> torch.Tensor:
+        return torch.stack(list(generate(model, prompts, 12, temperature=0.9, top_k=40,
+                                         generator=torch.Generator().manual_seed(3))))
+
+    calls = []
+    run = NativeBlocks.run
+    monkeypatch.setattr(NativeBlocks, "run", lambda *args: calls.append(1) or run(*args))
+    fused = tokens()
+    assert len(calls) == 11
+    torch_path(monkeypatch)
+    assert torch.equal(fused, tokens())
+
+
+def test_a_product_on_another_kernel_takes_the_torch_path(builds, blocks_dir, monkeypatch):
+    lib = _compiled(builds, torch.float32)
+    model = on_native(load_model(blocks_dir), "float32", lib)
+    assert NativeBlocks.of(model) is not None
+    other = next(k for k in kernels_for("float32") if k.run is not native_run and k.form.name == "float32 dense")
+    proj = model.transformer.h[1].mlp.c_proj
+    model.transformer.h[1].mlp.c_proj = Projection(proj.stored, other, other, proj.dtype,
+                                                   (proj.out_features, proj.in_features))
+    assert NativeBlocks.of(model) is None
+    called = []
+    monkeypatch.setattr(NativeBlocks, "run", lambda *args: called.append(args))
+    list(generate(model, [[1, 2, 3]], 4))
+    assert not called
+
+
+def test_a_replaced_parameter_is_read_at_the_next_step(builds, blocks_dir, monkeypatch):
+    """The block table is built again when a layer norm's parameter is replaced: the step reads the new one."""
+    lib = _compiled(builds, torch.float32)
+    model = on_native(load_model(blocks_dir), "float32", lib)
+    first = NativeBlocks.of(model)
+    model.transformer.h[0].ln_2.weight = torch.nn.Parameter(torch.linspace(-2, 2, 64), requires_grad=False)
+    assert NativeBlocks.of(model) is not first
+
+    def step() -> torch.Tensor:
+        with torch.inference_mode():
+            model.setup_caches(1, 16)
+            _prefill(model, torch.tensor([[4, 5, 6]]), None, None)
+            return model(torch.tensor([[7]]), 3, last_only=True)[:, -1]
+
+    fused = step()
+    torch_path(monkeypatch)
+    reference = step()
+    assert (fused - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+def test_a_forward_hook_on_a_block_sees_its_call(builds, blocks_dir):
+    """Where a block's module has a forward hook, the step takes the torch path, so the hook runs."""
+    lib = _compiled(builds, torch.float32)
+    model = on_native(load_model(blocks_dir), "float32", lib)
+    seen = []
+    hook = model.transformer.h[1].mlp.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    try:
+        list(generate(model, [[1, 2, 3]], 3))
+    finally:
+        hook.remove()
+    assert seen == [(1, 3, 64), (1, 1, 64), (1, 1, 64)]
+    assert NativeBlocks.of(model) is not None

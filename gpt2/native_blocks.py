@@ -1,0 +1,163 @@
+"""A CPU decode step's blocks in one call of the kernel compiled here (`decode_blocks` in gpt2/rows.c).
+
+Where the tuner gave every block product the native kernel (gpt2.native), a decode step of up to DECODE_ROWS
+rows runs its layer norms, products, attention (its keys and values written into the model's KV caches) and
+gelu in C, in one parallel region of torch's threads: as torch ops, with Python between them, those are about
+200 calls that take as long as a bfloat16 step's products. Anything else (another kernel, a GPU, autograd, a
+cache it cannot read, a forward hook on a block's module) takes the torch path of gpt2.model, which computes the
+same.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import weakref
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from gpt2.kernels import DECODE_ROWS, Projection
+from gpt2.native import Product, library, native_run
+
+if TYPE_CHECKING:
+    from gpt2.model import GPT2LMHeadModel
+
+
+# Each model's table, with what it was built from (_parts) and the modules whose hooks it would skip.
+Parts = list[tuple[dict, str, object]]
+_TABLES: weakref.WeakKeyDictionary[GPT2LMHeadModel, tuple[Parts, NativeBlocks | None, list[torch.nn.Module]]] = \
+    weakref.WeakKeyDictionary()
+
+
+class _Product(ctypes.Structure):
+    _fields_ = [("weight", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("outliers", ctypes.c_void_p), ("columns", ctypes.c_void_p), ("n_outliers", ctypes.c_int64)]
+
+
+class _Block(ctypes.Structure):
+    _fields_ = [("ln_1_weight", ctypes.c_void_p), ("ln_1_bias", ctypes.c_void_p),
+                ("ln_2_weight", ctypes.c_void_p), ("ln_2_bias", ctypes.c_void_p),
+                ("c_attn", _Product), ("attn_proj", _Product), ("c_fc", _Product), ("mlp_proj", _Product),
+                ("k", ctypes.c_void_p), ("v", ctypes.c_void_p)]
+
+
+def _parts(model: GPT2LMHeadModel) -> Parts:
+    """(dict, key, value) for every object a block table is built from (the blocks, their modules, the layer
+    norms' parameters, the products' stored forms and kernels): where any is replaced, it is built again. Dict
+    lookups, not module attributes, so that checking them costs a decode step next to nothing."""
+    parts: Parts = [(model.transformer._modules, "h", model.transformer.h)]
+    for index, block in enumerate(model.transformer.h):
+        parts.append((model.transformer.h._modules, str(index), block))
+        for owner, names in ((block, ("ln_1", "attn", "ln_2", "mlp")), (block.attn, ("c_attn", "c_proj")),
+                             (block.mlp, ("c_fc", "c_proj"))):
+            for name in names:
+                module = owner._modules[name]
+                parts.append((owner._modules, name, module))
+                if isinstance(module, torch.nn.LayerNorm):
+                    parts += [(module._parameters, key, module._parameters[key]) for key in ("weight", "bias")]
+                elif isinstance(module, Projection):
+                    parts += [(module.__dict__, key, module.__dict__[key]) for key in ("stored", "decode")]
+    return parts
+
+
+class NativeBlocks:
+    """The block table of one model: every block's layer norms and products as decode_blocks reads them."""
+
+    def __init__(self, model: GPT2LMHeadModel, lib: ctypes.CDLL, products: list[list[Product]]) -> None:
+        self.lib, self.config = lib, model.config
+        self.inner = products[0][2].weight.size(0)
+        self.table = (_Block * len(products))()
+        # The memory the table points into, held by tensors of its own: a parameter given other data (`.data =`)
+        # leaves them alive.
+        self._products = [[Product(*(None if t is None else t.detach() for t in p.tensors())) for p in block]
+                          for block in products]
+        self._norms = [[getattr(block, norm).weight.detach(), getattr(block, norm).bias.detach()]
+                       for block in model.transformer.h for norm in ("ln_1", "ln_2")]
+        for index, (entry, block) in enumerate(zip(self.table, self._products)):
+            (entry.ln_1_weight, entry.ln_1_bias), (entry.ln_2_weight, entry.ln_2_bias) = (
+                [tensor.data_ptr() for tensor in norm] for norm in self._norms[2 * index:2 * index + 2])
+            entry.c_attn, entry.attn_proj, entry.c_fc, entry.mlp_proj = (_Product(*p.pointers()) for p in block)
+
+    @classmethod
+    def of(cls, model: GPT2LMHeadModel) -> NativeBlocks | None:
+        """The model's table (built again where its parameters were replaced), or None where a block product
+        runs on another kernel."""
+        kept = _TABLES.get(model)
+        if kept is None or not all(owner.get(key) is value for owner, key, value in kept[0]):
+            parts = _parts(model)
+            modules = [value for _, _, value in parts if isinstance(value, torch.nn.Module)]
+            kept = _TABLES[model] = (parts, cls._build(model), modules)
+        if _hooked(kept[2]):  # a hook would not see the call it is there for
+            return None
+        return kept[1]
+
+    @classmethod
+    def _build(cls, model: GPT2LMHeadModel) -> NativeBlocks | None:
+        config, products = model.config, []
+        for block in model.transformer.h:
+            modules = (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)
+            if not all(isinstance(m, Projection) and m.decode.run is native_run for m in modules):
+                return None
+            products.append([Product.of_form(m.stored) for m in modules])
+            for layer_norm in (block.ln_1, block.ln_2):
+                for parameter in (layer_norm.weight, layer_norm.bias):
+                    if parameter is None or parameter.dtype != torch.float32 or not parameter.is_contiguous():
+                        return None
+        if not products:
+            return None
+        C, inner = config.n_embd, products[0][2].weight.size(0)
+        dtypes = {product.weight.dtype for block in products for product in block}
+        shapes = [(3 * C, C), (C, C), (inner, C), (C, inner)]
+        lib = library(products[0][0].weight.dtype)
+        if lib is None or len(dtypes) != 1 or C % config.n_head or any(
+                tuple(product.weight.shape) != shape for block in products for product, shape in zip(block, shapes)):
+            return None
+        try:
+            for block in products:
+                for product in block:
+                    product.check()
+        except ValueError:
+            return None
+        return cls(model, lib, products)
+
+    def run(self, model: GPT2LMHeadModel, x: Tensor, start: int | Tensor, key_valid: Tensor | None) -> bool:
+        """x (B, 1, n_embd) float32 through every block, in place, with forward()'s `start` and `key_valid` (a
+        token per row at its slot); False, with nothing changed, where this step cannot run here."""
+        B, config = x.size(0), self.config
+        caches = [block.attn.kv_cache for block in model.transformer.h]
+        shape = (B, config.n_head, None, config.n_embd // config.n_head)
+        if B > DECODE_ROWS or x.dtype != torch.float32 or not x.is_contiguous() or any(
+                cache is None or not _cache_fits(cache.k, shape) or not _cache_fits(cache.v, shape)
+                or cache.k.shape != cache.v.shape for cache in caches):
+            return False
+        slots = caches[0].k.size(2)
+        if any(cache.k.size(2) != slots for cache in caches):
+            return False
+        slot = torch.full((B,), start) if isinstance(start, int) else start.reshape(-1).expand(B).contiguous()
+        if slot.dtype != torch.int64 or slot.numel() != B or int(slot.min()) < 0 or int(slot.max()) >= slots:
+            return False
+        if key_valid is not None and (key_valid.dtype != torch.bool or key_valid.dim() != 2
+                                      or key_valid.size(0) != B or key_valid.size(1) <= int(slot.max())
+                                      or key_valid.stride(1) != 1):
+            return False
+        for entry, cache in zip(self.table, caches):
+            entry.k, entry.v = cache.k.data_ptr(), cache.v.data_ptr()
+        failed = self.lib.decode_blocks(
+            self.table, len(self.table), x.data_ptr(), B, config.n_embd, self.inner, config.n_head, slots,
+            slot.data_ptr(), None if key_valid is None else key_valid.data_ptr(),
+            0 if key_valid is None else key_valid.stride(0), config.layer_norm_epsilon, torch.get_num_threads())
+        return not failed
+
+
+def _hooked(modules: list[torch.nn.Module]) -> bool:
+    """Whether any of `modules` has a forward hook, or any module has (torch's global ones)."""
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks) or any(
+        m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def _cache_fits(tensor: Tensor, shape: tuple[int | None, ...]) -> bool:
+    return tensor.dtype == torch.float32 and tensor.is_contiguous() and tensor.dim() == 4 and all(
+        size is None or size == actual for size, actual in zip(shape, tensor.shape))
