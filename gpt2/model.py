@@ -234,7 +234,7 @@ class GPT2LMHeadModel(nn.Module):
         elif position_ids is None:
             position_ids = (start + torch.arange(T, device=device)).unsqueeze(0)  # (1, T)
         x = self.transformer.wte(idx) + self.transformer.wpe(position_ids)  # (B, T, n_embd)
-        if T == 1 and x.device.type == "cpu" and not torch.is_grad_enabled():
+        if T == 1 and x.device.type == "cpu" and not torch.is_grad_enabled():  # a decode step, in one call where it can
             blocks = NativeBlocks.of(self)
             if blocks is not None and blocks.run(self, x, start, key_valid):
                 return x

@@ -150,8 +150,10 @@ class NativeBlocks:
         slots = caches[0].k.size(2)
         if any(cache.k.size(2) != slots for cache in caches):
             return False
+        if isinstance(start, Tensor) and (start.dtype != torch.int64 or start.numel() not in (1, B)):
+            return False
         slot = torch.full((B,), start) if isinstance(start, int) else start.reshape(-1).expand(B).contiguous()
-        if slot.dtype != torch.int64 or slot.numel() != B or int(slot.min()) < 0 or int(slot.max()) >= slots:
+        if int(slot.min()) < 0 or int(slot.max()) >= slots:
             return False
         if key_valid is not None and (key_valid.dtype != torch.bool or key_valid.dim() != 2
                                       or key_valid.size(0) != B or key_valid.size(1) <= int(slot.max())
