@@ -236,7 +236,7 @@ class GPT2LMHeadModel(nn.Module):
         x = self.transformer.wte(idx) + self.transformer.wpe(position_ids)  # (B, T, n_embd)
         if T == 1 and x.device.type == "cpu" and not torch.is_grad_enabled():  # a decode step, in one call where it can
             blocks = NativeBlocks.of(self)
-            if blocks is not None and blocks.run(self, x, start, key_valid):
+            if blocks is not None and blocks.run(x, start, key_valid):
                 return x
         keys = self._kv_caches[0].slots if isinstance(start, Tensor) else start + T
         mask = self._attention_mask(start, T, keys, key_valid, device)

@@ -98,6 +98,32 @@ class NativeBlocks:
             (entry.ln_1_weight, entry.ln_1_bias), (entry.ln_2_weight, entry.ln_2_bias) = (
                 [tensor.data_ptr() for tensor in norm] for norm in self._norms[2 * index:2 * index + 2])
             entry.c_attn, entry.attn_proj, entry.c_fc, entry.mlp_proj = (_Product(*p.pointers()) for p in block)
+        # The KV caches the table points at (_use_caches): each block's attention module's children hold its own.
+        self._attention = [block.attn._modules for block in model.transformer.h]
+        self._caches: list = []
+        self._cache_memory: list | None = None
+        self._rows = self._slots = 0
+
+    def _use_caches(self, rows: int) -> bool:
+        """Point the table at the blocks' KV caches, where each is (rows, n_head, slots, head_dim) float32, the
+        same slots in all: checked again only where a cache or its memory is not the last step's."""
+        caches = [attn.get("kv_cache") for attn in self._attention]
+        tensors = [(cache._buffers.get("k"), cache._buffers.get("v")) if cache is not None else (None, None)
+                   for cache in caches]
+        memory = [None if k is None or v is None else (k.data_ptr(), v.data_ptr()) for k, v in tensors]
+        if memory == self._cache_memory and all(map(operator.is_, caches, self._caches)) \
+                and self._rows == rows:
+            return True
+        config = self.config
+        shape = (rows, config.n_head, tensors[0][0].size(2) if tensors[0][0] is not None else -1, config.head_dim)
+        if shape[2] < 1 or any(k is None or v is None or not _cache_fits(k, shape) or not _cache_fits(v, shape)
+                               for k, v in tensors):
+            self._caches, self._cache_memory = [], None
+            return False
+        for entry, (k, v) in zip(self.table, tensors):
+            entry.k, entry.v = k.data_ptr(), v.data_ptr()
+        self._caches, self._cache_memory, self._rows, self._slots = caches, memory, rows, shape[2]
+        return True
 
     @classmethod
     def of(cls, model: GPT2LMHeadModel) -> NativeBlocks | None:
@@ -137,19 +163,13 @@ class NativeBlocks:
             return None
         return cls(model, lib, products)
 
-    def run(self, model: GPT2LMHeadModel, x: Tensor, start: int | Tensor, key_valid: Tensor | None) -> bool:
+    def run(self, x: Tensor, start: int | Tensor, key_valid: Tensor | None) -> bool:
         """x (B, 1, n_embd) float32 through every block, in place, with forward()'s `start` and `key_valid` (a
         token per row at its slot); False, with nothing changed, where this step cannot run here."""
         B, config = x.size(0), self.config
-        caches = [block.attn.kv_cache for block in model.transformer.h]
-        shape = (B, config.n_head, None, config.n_embd // config.n_head)
-        if B > DECODE_ROWS or x.dtype != torch.float32 or not x.is_contiguous() or any(
-                cache is None or not _cache_fits(cache.k, shape) or not _cache_fits(cache.v, shape)
-                or cache.k.shape != cache.v.shape for cache in caches):
+        if B > DECODE_ROWS or x.dtype != torch.float32 or not x.is_contiguous() or not self._use_caches(B):
             return False
-        slots = caches[0].k.size(2)
-        if any(cache.k.size(2) != slots for cache in caches):
-            return False
+        slots = self._slots
         if isinstance(start, Tensor) and (start.dtype != torch.int64 or start.numel() not in (1, B)):
             return False
         slot = torch.full((B,), start) if isinstance(start, int) else start.reshape(-1).expand(B).contiguous()
@@ -159,8 +179,6 @@ class NativeBlocks:
                                       or key_valid.size(0) != B or key_valid.size(1) <= int(slot.max())
                                       or key_valid.stride(1) != 1):
             return False
-        for entry, cache in zip(self.table, caches):
-            entry.k, entry.v = cache.k.data_ptr(), cache.v.data_ptr()
         failed = self.lib.decode_blocks(
             self.table, len(self.table), x.data_ptr(), B, config.n_embd, self.inner, config.n_head, slots,
             slot.data_ptr(), None if key_valid is None else key_valid.data_ptr(),
@@ -168,6 +186,5 @@ class NativeBlocks:
         return not failed
 
 
-def _cache_fits(tensor: Tensor, shape: tuple[int | None, ...]) -> bool:
-    return tensor.dtype == torch.float32 and tensor.is_contiguous() and tensor.dim() == 4 and all(
-        size is None or size == actual for size, actual in zip(shape, tensor.shape))
+def _cache_fits(tensor: Tensor, shape: tuple[int, ...]) -> bool:
+    return tensor.dtype == torch.float32 and tensor.is_contiguous() and tuple(tensor.shape) == shape
