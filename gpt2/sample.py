@@ -118,13 +118,17 @@ def _draw_at_nonzero_entries(probs: Tensor, generator: torch.Generator | None = 
     rows, columns = candidates.unbind(1)
     p = probs[rows, columns]  # (n,)
     batch, n = probs.size(0), p.numel()
-    has_candidate = torch.zeros(batch, dtype=torch.bool).index_fill_(0, rows, True)  # (B,)
-    if int(low_bits.min()) == 0 or not bool((p > 0).all() & p.isfinite().all() & has_candidate.all()):
+    valid = (p > 0).all() & p.isfinite().all()
+    if batch > 1:  # every row has a candidate
+        valid &= torch.zeros(batch, dtype=torch.bool).index_fill_(0, rows, True).all()
+    if n == 0 or int(low_bits.min()) == 0 or not bool(valid):
         source.set_state(state)  # u = 0 (q = 0: NaN or inf ratios), or input torch refuses
         return None
     q = torch.tensor([-math.log1p(-(bits / 2**53)) for bits in low_bits[rows, columns].tolist()],
                      dtype=torch.float64).float()  # (n,) rounded to float as exponential_ rounds its double
     ratio = p / q  # (n,)
+    if batch == 1:  # argmax's tie rule, as torch's: the first maximum, the first column in memory order
+        return columns[ratio.argmax()].unsqueeze(0)
     best = torch.full((batch,), -math.inf).scatter_reduce(0, rows, ratio, "amax")  # (B,)
     # argmax's tie rule: the first column (in memory order) that reaches the row's best ratio
     position = torch.arange(n).masked_fill(ratio != best[rows], n)  # (n,)

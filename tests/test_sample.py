@@ -457,15 +457,17 @@ def test_draw_one_equals_torch_multinomial_and_leaves_the_generator_alike(batch,
 
 
 def test_draw_one_breaks_ties_like_torch_and_takes_every_path():
-    """Exact ties (equal probabilities), rows of one candidate, more candidates than DRAW_MAX_CANDIDATES (torch's
-    own draw), non-contiguous and double input: always torch.multinomial's token and state."""
+    """Exact ties (equal probabilities, in a batch and in a row alone), rows of one candidate, more candidates
+    than DRAW_MAX_CANDIDATES (torch's own draw), non-contiguous and double input: always torch.multinomial's
+    token and state."""
     ties = torch.zeros(4, VOCAB)
     ties[0, [5, 17, 900, 50000]] = 0.25
     ties[1, 123] = 1.0
     ties[2, :DRAW_MAX_CANDIDATES] = 1.0 / DRAW_MAX_CANDIDATES
     ties[3, 7:9] = 0.5
     wide = torch.full((2, VOCAB), 1.0 / VOCAB)  # every entry a candidate
-    for probs in (ties, ties[:2], ties[[0, 1, 3]], wide, ties.t().contiguous().t(), ties.double()):
+    for probs in (ties, ties[:1], ties[1:2], ties[3:], ties[:2], ties[[0, 1, 3]], wide, wide[:1],
+                  ties.t().contiguous().t(), ties.double()):
         for seed in range(30):
             expected = _multinomial_and_state(probs, seed, _torch_multinomial)
             got = _multinomial_and_state(probs, seed, draw_one)
