@@ -5,7 +5,8 @@ the CPUs measured (a weight widened to float32 in registers costs no more than r
 kernels convert it in slower steps), so a small C kernel compiled with `-march=native` reads every precision
 at close to the memory's speed. It is built once per machine with the C compiler (`$CC`, else `cc`) into
 `<cache>/native/`, loaded with ctypes, and runs on torch's OpenMP threads. Where there is no compiler, no
-OpenMP, or the build fails, it is simply not a candidate.
+OpenMP, or the build fails, it is simply not a candidate. The same build holds `decode_blocks`, a decode
+step's blocks in one call (gpt2.native_blocks).
 """
 
 from __future__ import annotations
