@@ -141,7 +141,9 @@ def test_corpus_matches_tiktoken_and_round_trips(enc: Encoder, tk):
     assert not bad_round_trip, bad_round_trip[:5]
 
 
-NO_SURROGATES = st.characters(exclude_categories=("Cs",))
+# No surrogates, and only characters assigned in Python's Unicode tables: `regex` and tiktoken each carry their own
+# (Unicode 17 and 16 today), and a letter newer than tiktoken's is a symbol to it (docs/design.md, the encoder).
+NO_SURROGATES = st.characters(exclude_categories=("Cs", "Cn"))
 FRAGMENT_TEXT = st.lists(
     st.one_of(st.sampled_from(FRAGMENTS + SEPARATORS), st.text(NO_SURROGATES, max_size=3)), max_size=10
 ).map("".join)
