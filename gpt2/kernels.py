@@ -261,12 +261,20 @@ def float_kernels(dtype: torch.dtype, native: bool = False) -> list[Kernel]:
         kernels.append(Kernel(f"{_short(dtype)} native", dense, native_run, prefills=False))
     if dtype == torch.float32:  # and transformers' own product, on the Conv1D layout
         return [*kernels, Kernel("float32 x @ w", _transposed_form(dtype), _addmm)]
+    # For a prompt on the dense form where the CPU has no fast 16-bit product (AVX2 only): the weight widened
+    # to float32 for each product, which hundreds of rows repay.
+    kernels.append(Kernel(f"{_short(dtype)} widened to float32", dense, _widened_run))
     # First (the choice without measuring): float32 activations, the weights widened in registers.
     return [Kernel("float16 FBGEMM", FLOAT16_FBGEMM, _float16_run, takes), *kernels]
 
 
 def _float16_run(x: Tensor, stored: Stored) -> Tensor:
     return torch.ops.quantized.linear_dynamic_fp16(x.float(), stored[0]).to(x.dtype)
+
+
+def _widened_run(x: Tensor, stored: Stored) -> Tensor:
+    weight, bias = stored
+    return F.linear(x, weight.float(), None if bias is None else bias.float())
 
 
 def _matvec(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -70,7 +70,7 @@ REBUILT_MARGIN = 0.25  # how much faster a form built on every load (packed) mus
 # A block product's native kernel is taken where it costs at most this many times the fastest (Choice.for_blocks):
 # with every block product native, a decode step runs its blocks in one call, a fifth faster at batch 1.
 BLOCKS_NATIVE_MARGIN = 1.2
-RANKING = 11  # how rankings are measured, and of which candidates: part of the cache key, so a change measures again
+RANKING = 12  # how rankings are measured, and of which candidates: part of the cache key, so a change measures again
 
 # The instruction sets that decide which kernels win: part of the ranking's key, named in benchmark tables.
 KERNEL_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16",

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import random_hf_model
 
+import gpt2.kernels
 import gpt2.quantize
 import gpt2.tuning
 from gpt2.checkpoint import load_model
@@ -104,6 +105,22 @@ def test_measure_screens_out_slow_failing_and_inexact_kernels(clock):
     assert clock.calls.count(("ten times slower", eight)) == 1 < clock.calls.count(("fast", eight))  # not timed
     # At one row its first pass shows it cannot win: it takes no more passes.
     assert clock.calls.count(("ten times slower", one)) < clock.calls.count(("fast", one))
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_a_16_bit_dense_weight_has_a_float32_prefill_kernel(precision):
+    """For prompts on a CPU without fast 16-bit products (AVX2 only): the dense 16-bit weight widened to float32
+    per product, a prefill candidate on the form the compiled decode kernel reads, exact up to float32 sums."""
+    dtype = getattr(torch, precision)
+    kernel = next(k for k in gpt2.kernels.kernels_for(precision) if k.name == f"{precision} widened to float32")
+    assert kernel.prefills and kernel.form.name == f"{precision} dense"
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(96, 64, generator=gen), torch.randn(96, generator=gen)
+    x = torch.randn(128, 64, generator=gen)
+    stored = kernel.form.build(weight.to(dtype), bias.to(dtype), None)
+    exact = x.double() @ weight.to(dtype).double().T + bias.to(dtype).double()
+    y = kernel.run(x, stored)
+    assert y.dtype == torch.float32 and (y.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
 
 
 def test_kernels_for_a_few_rows_are_no_prefill_candidates(clock):
