@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from gpt2.config import GPT2Config
 from gpt2.kernels import DECODE_ROWS, Linear, Projection, check_movable, linear
-from gpt2.native_blocks import NativeBlocks
+from gpt2.native_step import NativeStep
 
 CACHE_SLOT_STEP = 64  # KV caches are allocated in multiples of this many slots (see setup_caches)
 
@@ -215,6 +215,11 @@ class GPT2LMHeadModel(nn.Module):
         cache slot, masked, so that every step has the same shapes and no host-side numbers (what a CUDA
         graph replays, gpt2.cuda_graph).
         """
+        if idx.size(1) == 1 and idx.device.type == "cpu" and not torch.is_grad_enabled():
+            step = NativeStep.of(self)  # a decode step in one call, where it can run so
+            logits = None if step is None else step.run(self._embeddings(idx, start, position_ids), start, key_valid)
+            if logits is not None:
+                return logits  # (B, 1, vocab)
         x = self.hidden_states(idx, start, position_ids, key_valid)
         if last_only:
             x = x[:, -1:]
@@ -229,21 +234,21 @@ class GPT2LMHeadModel(nn.Module):
         up, this is how a part of a prompt that needs no logits fills them."""
         B, T = idx.shape
         device = idx.device
-        if position_ids is None and isinstance(start, Tensor) and start.dim() == 2:
-            position_ids = start  # (B, T): each row's own slots
-        elif position_ids is None:
-            position_ids = (start + torch.arange(T, device=device)).unsqueeze(0)  # (1, T)
-        x = self.transformer.wte(idx) + self.transformer.wpe(position_ids)  # (B, T, n_embd)
-        if T == 1 and x.device.type == "cpu" and not torch.is_grad_enabled():  # a decode step, in one call where it can
-            blocks = NativeBlocks.of(self)
-            if blocks is not None and blocks.run(x, start, key_valid):
-                return x
+        x = self._embeddings(idx, start, position_ids)  # (B, T, n_embd)
         keys = self._kv_caches[0].slots if isinstance(start, Tensor) else start + T
         mask = self._attention_mask(start, T, keys, key_valid, device)
         dtype = self.prompt_dtype if self.prompt_dtype and T > 1 and B * T > DECODE_ROWS else x.dtype
         for block in self.transformer.h:
             x = block(x, start, mask, dtype)
         return x
+
+    def _embeddings(self, idx: Tensor, start: int | Tensor, position_ids: Tensor | None) -> Tensor:
+        """Token plus position embeddings (B, T, n_embd); positions default as forward() says."""
+        if position_ids is None and isinstance(start, Tensor) and start.dim() == 2:
+            position_ids = start  # (B, T): each row's own slots
+        elif position_ids is None:
+            position_ids = (start + torch.arange(idx.size(1), device=idx.device)).unsqueeze(0)  # (1, T)
+        return self.transformer.wte(idx) + self.transformer.wpe(position_ids)
 
     @staticmethod
     def _attention_mask(start: int | Tensor, T: int, keys: int, key_valid: Tensor | None,

@@ -5,8 +5,8 @@ the CPUs measured (a weight widened to float32 in registers costs no more than r
 kernels convert it in slower steps), so a small C kernel compiled with `-march=native` reads every precision
 at close to the memory's speed. It is built once per machine with the C compiler (`$CC`, else `cc`) into
 `<cache>/native/`, loaded with ctypes, and runs on torch's OpenMP threads. Where there is no compiler, no
-OpenMP, or the build fails, it is simply not a candidate. The same build holds `decode_blocks`, a decode
-step's blocks in one call (gpt2.native_blocks).
+OpenMP, or the build fails, it is simply not a candidate. The same build holds `decode_step`, a whole decode
+step in one call (gpt2.native_step).
 """
 
 from __future__ import annotations
@@ -80,9 +80,10 @@ def library(dtype: torch.dtype, flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL |
     getattr(lib, name).argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 3 \
         + [ctypes.c_int]
     getattr(lib, name).restype = None
-    lib.decode_blocks.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 5 \
-        + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
-    lib.decode_blocks.restype = ctypes.c_int
+    lib.decode_step.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] \
+        + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                                          ctypes.c_float, ctypes.c_int]
+    lib.decode_step.restype = ctypes.c_int
     return lib
 
 

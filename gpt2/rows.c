@@ -8,8 +8,9 @@
    The output rows are split between the threads of torch's own OpenMP pool.
 
    Around the products a step does little arithmetic (layer norms, a few keys of attention, gelu) but, as
-   torch ops, about 200 calls with Python between them: as long as a bfloat16 step's products. decode_blocks
-   runs them all in one parallel region, each op split between the threads and a barrier after it. */
+   torch ops, about 200 calls with Python between them: as long as a bfloat16 step's products. decode_step
+   runs them all, and the LM head, in one parallel region, each op split between the threads and a barrier
+   after it. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -280,12 +281,14 @@ static void attention(const struct step *s, const float *qkv, float *kc, float *
     }
 }
 
-/* x (M, C), the residual stream of one token per row, through every block: its KV caches get the token's keys
-   and values at slot[m]. The row attends to the slots valid[m * valid_stride + slot] marks up to its own
-   (valid NULL: every one), and always to its own. Returns 0, or -1 where memory runs out (x untouched). */
-int decode_blocks(const struct block *blocks, int64_t n_layer, float *x, int64_t M, int64_t C, int64_t inner,
-                  int64_t n_head, int64_t slots, const int64_t *slot, const uint8_t *valid, int64_t valid_stride,
-                  float eps, int threads) {
+/* x (M, C), the residual stream of one token per row, through every block, then the final layer norm and the
+   LM head (N_vocab, C) into logits (M, N_vocab): the blocks' KV caches get the token's keys and values at
+   slot[m]. The row attends to the slots valid[m * valid_stride + slot] marks up to its own (valid NULL: every
+   one), and always to its own. Returns 0, or -1 where memory runs out (nothing written). */
+int decode_step(const struct block *blocks, int64_t n_layer, const float *ln_f_weight, const float *ln_f_bias,
+                const struct product *head, int64_t n_vocab, float *x, float *logits, int64_t M, int64_t C,
+                int64_t inner, int64_t n_head, int64_t slots, const int64_t *slot, const uint8_t *valid,
+                int64_t valid_stride, float eps, int threads) {
     float *h = malloc(M * C * sizeof(float)), *qkv = malloc(M * 3 * C * sizeof(float)),
           *f = malloc(M * inner * sizeof(float)), *scores = malloc(M * n_head * slots * sizeof(float));
     int32_t *keys = malloc(M * slots * sizeof(int32_t)), *n_keys = malloc(M * sizeof(int32_t));
@@ -298,16 +301,20 @@ int decode_blocks(const struct block *blocks, int64_t n_layer, float *x, int64_t
         }
         struct step s = {M, C, inner, n_head, slots, eps, slot, keys, n_keys};
 #pragma omp parallel num_threads(threads)
-        for (int64_t l = 0; l < n_layer; l++) {
-            const struct block *b = blocks + l;
-            layer_norm(&s, x, b->ln_1_weight, b->ln_1_bias, h);
-            product(&b->c_attn, h, qkv, M, C, 3 * C, 0);
-            attention(&s, qkv, b->k, b->v, h, scores);
-            product(&b->attn_proj, h, x, M, C, C, 1);
-            layer_norm(&s, x, b->ln_2_weight, b->ln_2_bias, h);
-            product(&b->c_fc, h, f, M, C, inner, 0);
-            gelu(f, M * inner);
-            product(&b->mlp_proj, f, x, M, inner, C, 1);
+        {
+            for (int64_t l = 0; l < n_layer; l++) {
+                const struct block *b = blocks + l;
+                layer_norm(&s, x, b->ln_1_weight, b->ln_1_bias, h);
+                product(&b->c_attn, h, qkv, M, C, 3 * C, 0);
+                attention(&s, qkv, b->k, b->v, h, scores);
+                product(&b->attn_proj, h, x, M, C, C, 1);
+                layer_norm(&s, x, b->ln_2_weight, b->ln_2_bias, h);
+                product(&b->c_fc, h, f, M, C, inner, 0);
+                gelu(f, M * inner);
+                product(&b->mlp_proj, f, x, M, inner, C, 1);
+            }
+            layer_norm(&s, x, ln_f_weight, ln_f_bias, h);
+            product(head, h, logits, M, C, n_vocab, 0);
         }
     }
     free(h), free(qkv), free(f), free(scores), free(keys), free(n_keys);

@@ -67,9 +67,9 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2, "int8": 3e-2}
 SCREEN = 2.0  # a kernel this many times slower than the fastest (after a pass, or at one row) is not timed further
 LOAD_STEPS = 512  # decode steps a load is spread over in the ranking: the CLI's default --length
 REBUILT_MARGIN = 0.25  # how much faster a form built on every load (packed) must be: see step_cost
-# A block product's native kernel is taken where it costs at most this many times the fastest (Choice.for_blocks):
-# with every block product native, a decode step runs its blocks in one call, a fifth faster at batch 1.
-BLOCKS_NATIVE_MARGIN = 1.2
+# A product's native kernel is taken where it costs at most this many times the fastest (Choice.for_the_step): with
+# every block product and the LM head native, a decode step runs in one call, a fifth faster at batch 1.
+STEP_NATIVE_MARGIN = 1.2
 RANKING = 12  # how rankings are measured, and of which candidates: part of the cache key, so a change measures again
 
 # The instruction sets that decide which kernels win: part of the ranking's key, named in benchmark tables.
@@ -106,13 +106,13 @@ class Choice:
             return None
         return Choice(tuple(map(str, entry["decode"])), {str(k): str(v) for k, v in entry["prefill"].items()}, cost)
 
-    def for_blocks(self, kernels: list[Kernel]) -> Choice:
-        """The ranking for a block product: the native kernel first where it costs at most BLOCKS_NATIVE_MARGIN
-        times the fastest, since a decode step whose block products are all native runs its blocks in one
-        call (gpt2.native_blocks), which saves more than that."""
+    def for_the_step(self, kernels: list[Kernel]) -> Choice:
+        """The ranking a model's product takes: the native kernel first where it costs at most STEP_NATIVE_MARGIN
+        times the fastest, since a decode step whose products are all native runs in one call
+        (gpt2.native_step), which saves more than that."""
         native = [name for name in self.decode if any(k.name == name and k.run is native_run for k in kernels)]
         if not native or native[0] == self.decode[0] \
-                or self.cost.get(native[0], math.inf) > BLOCKS_NATIVE_MARGIN * self.cost.get(self.decode[0], 0.0):
+                or self.cost.get(native[0], math.inf) > STEP_NATIVE_MARGIN * self.cost.get(self.decode[0], 0.0):
             return self
         return dataclasses.replace(self, decode=(native[0], *(name for name in self.decode if name != native[0])))
 
@@ -455,8 +455,7 @@ def use_cpu_kernels(model: nn.Module, precision: str, mode: str | None = None,
         if settled is not None:  # an earlier load's int8 outcome under the same settings
             kernels = [kernel for kernel in kernels if kernel.form.name == settled[name]]
         kept = functools.partial(prepared.form, name, weight=weight, bias=bias) if prepared else None
-        choice = choices[layout_of(weight)]
-        new = projection(weight, bias, choice if tied else choice.for_blocks(kernels), kernels, dtype, inputs, tied,
+        new = projection(weight, bias, choices[layout_of(weight)].for_the_step(kernels), kernels, dtype, inputs, tied,
                          kept)
         if prepared:
             prepared.keep_form(name, new, weight, bias)

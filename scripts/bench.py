@@ -860,9 +860,9 @@ def notes(args: argparse.Namespace, attention: str, extra: list[str], total_s: f
         "Weight products alone (CPU): one decode step's products (every block projection and the LM head, on "
         "the kernels the model chose, `model.kernel_choices()`) applied in turn to random (batch, 1, in) "
         "inputs, fastest of 5; the share is that time over the step's median time (batch / decode tok/s). "
-        "The rest of the step is attention, layer norms, sampling and Python. Where every block product runs on "
-        "the kernel compiled here, a step runs its blocks in one call (gpt2.native_blocks), without the per-call "
-        "cost these separate products pay, so the share can pass 100%.",
+        "The rest of the step is attention, layer norms, sampling and Python. Where every product runs on the "
+        "kernel compiled here, a step runs in one call (gpt2.native_step), without the per-call cost these "
+        "separate products pay, so the share can pass 100%.",
         f"Device: {args.device}. Every time is read with time.perf_counter"
         + (" after torch.cuda.synchronize() (each step's stamp too)." if gpu else "."),
         f"Prefill: batch 1, next-token logits; ours sets up its KV cache and runs `gpt2.sample._prefill`, "

@@ -23,12 +23,12 @@ from gpt2.model import GPT2LMHeadModel
 from gpt2.native import available as native_available
 from gpt2.native import native_run
 from gpt2.tuning import (
-    BLOCKS_NATIVE_MARGIN,
     DECODE_TIMING_ROWS,
     LOAD_STEPS,
     PREFILL_TIMING_ROWS,
     REBUILT_MARGIN,
     REPEATS,
+    STEP_NATIVE_MARGIN,
     Choice,
     choices_for,
     default_choice,
@@ -270,16 +270,16 @@ def test_a_corrupt_cache_file_is_ignored_and_rewritten(fake_kernels, clock, empt
 
 
 def test_block_products_take_the_native_kernel_within_its_margin(clock):
-    """A block product's ranking puts the native kernel first where it costs at most BLOCKS_NATIVE_MARGIN times
+    """A block product's ranking puts the native kernel first where it costs at most STEP_NATIVE_MARGIN times
     the fastest (its step then runs in one call), and keeps the measured order beyond that or without costs."""
     native = Kernel("native", DENSE, native_run, prefills=False)
     kernels = [fake_kernel(clock, "a", costs(1, 1, 1)), native]
-    near = Choice(("a", "native"), {DENSE.name: "a"}, {"a": 1.0, "native": BLOCKS_NATIVE_MARGIN * 0.99})
-    far = dataclasses.replace(near, cost={"a": 1.0, "native": BLOCKS_NATIVE_MARGIN * 1.01})
-    assert near.for_blocks(kernels).decode == ("native", "a")
-    assert far.for_blocks(kernels) == far
-    assert dataclasses.replace(near, cost={}).for_blocks(kernels).decode == ("a", "native")
-    assert near.for_blocks([kernels[0], dataclasses.replace(native, run=kernels[0].run)]) == near
+    near = Choice(("a", "native"), {DENSE.name: "a"}, {"a": 1.0, "native": STEP_NATIVE_MARGIN * 0.99})
+    far = dataclasses.replace(near, cost={"a": 1.0, "native": STEP_NATIVE_MARGIN * 1.01})
+    assert near.for_the_step(kernels).decode == ("native", "a")
+    assert far.for_the_step(kernels) == far
+    assert dataclasses.replace(near, cost={}).for_the_step(kernels).decode == ("a", "native")
+    assert near.for_the_step([kernels[0], dataclasses.replace(native, run=kernels[0].run)]) == near
     assert Choice.from_json(json.loads(json.dumps(near.to_json()))) == near
 
 

@@ -1,6 +1,6 @@
 """The decode kernel compiled on this machine (gpt2.native, gpt2/rows.c): its products against float64 ones on
 every tail of its tiling, for each weight dtype, in its AVX-512 and AVX2 builds; where it cannot be built, no
-candidate and no error. And a decode step's blocks in one call of it (gpt2.native_blocks) against the torch
+candidate and no error. And a whole decode step in one call of it (gpt2.native_step) against the torch
 path."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import torch
 from conftest import random_hf_model
 
 import gpt2.native
-import gpt2.native_blocks
+import gpt2.native_step
 from gpt2.checkpoint import load_model
 from gpt2.kernels import Projection, kernels_for
 from gpt2.native import FLAGS, FUNCTIONS, library, native_run, rows_product
-from gpt2.native_blocks import NativeBlocks
+from gpt2.native_step import NativeStep
 from gpt2.quantize import quantize_rows
 from gpt2.sample import _prefill, generate
 
@@ -151,7 +151,7 @@ def test_int8_outlier_columns_are_added_in_float32(builds):
 
 
 # ---------------------------------------------------------------------------------------------------
-# the blocks of a decode step in one call (gpt2.native_blocks)
+# a decode step in one call (gpt2.native_step)
 
 PRODUCTS = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))
 LOAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.bfloat16}
@@ -165,36 +165,36 @@ def blocks_dir(tmp_path_factory):
 
 
 def on_native(model, precision: str, lib):
-    """The model with every block product on the native kernel, whatever this machine's timing picked; int8's
-    with two outlier input dimensions, whose weight columns stay float32."""
+    """The model with every block product and the LM head on the native kernel, whatever this machine's timing
+    picked; int8's with two outlier input dimensions, whose weight columns stay float32."""
     native = next((k for k in kernels_for(precision) if k.run is native_run), None)
     if native is None or lib is None:
         pytest.skip("no C compiler or OpenMP here")
-    for block in model.transformer.h:
-        for owner, name in PRODUCTS:
-            old = getattr(getattr(block, owner), name)
-            weight, bias = old.weight_and_bias()
-            inputs = torch.ones(4, weight.size(1))
-            inputs[:, [3, 17]] = 100.0
-            stored = native.form.build(weight.float(), bias, inputs if precision == "int8" else None)
-            setattr(getattr(block, owner), name, Projection(stored, native, native, old.dtype, tuple(weight.shape)))
+    places = [(getattr(block, owner), name) for block in model.transformer.h for owner, name in PRODUCTS]
+    for parent, name in [*places, (model, "lm_head")]:
+        old = getattr(parent, name)
+        weight, bias = old.weight_and_bias() if name != "lm_head" else (model.transformer.wte.weight, None)
+        inputs = torch.ones(4, weight.size(1))
+        inputs[:, [3, 17]] = 100.0
+        stored = native.form.build(weight.float(), bias, inputs if precision == "int8" else None)
+        setattr(parent, name, Projection(stored, native, native, old.dtype, tuple(weight.shape), old.tied))
     return model
 
 
 def torch_path(monkeypatch):
-    monkeypatch.setattr(NativeBlocks, "run", lambda *args: False)
+    monkeypatch.setattr(NativeStep, "run", lambda *args: None)
 
 
 @pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8"])
 def test_a_decode_step_in_one_call_equals_the_torch_path(builds, blocks_dir, monkeypatch, build, precision):
-    """The last block's output and the KV caches of one step at a common slot and at each row's own slot with a
-    padding hole in key_valid (the scheduler's step), from the same caches: within 1e-5 of the torch path's."""
+    """The logits and the KV caches of one step at a common slot and at each row's own slot with a padding hole
+    in key_valid (the scheduler's step), from the same caches: within 1e-5 of the torch path's."""
     dtype = torch.int8 if precision == "int8" else LOAD_DTYPES[precision]
     lib = _compiled(builds, dtype, build)
-    monkeypatch.setattr(gpt2.native_blocks, "library", lambda _: lib)
+    monkeypatch.setattr(gpt2.native_step, "library", lambda _: lib)
     model = on_native(load_model(blocks_dir, dtype=LOAD_DTYPES[precision], int8=precision == "int8"), precision, lib)
-    assert NativeBlocks.of(model) is not None
+    assert NativeStep.of(model) is not None
     if precision == "int8":
         assert all(part.numel() == 2 for block in model.transformer.h
                    for part in (block.attn.c_attn.stored[3], block.mlp.c_proj.stored[3]))
@@ -203,22 +203,21 @@ def test_a_decode_step_in_one_call_equals_the_torch_path(builds, blocks_dir, mon
     key_valid[1, :2] = False  # row 1's first two slots are padding
     slots = torch.tensor([[9], [7], [8]])
     ran = []
-    run = NativeBlocks.run
-    monkeypatch.setattr(NativeBlocks, "run", lambda *args: ran.append(run(*args)) or ran[-1])
+    run = NativeStep.run
+    monkeypatch.setattr(NativeStep, "run", lambda *args: ran.append(run(*args)) or ran[-1])
     with torch.inference_mode():
         model.setup_caches(3, 64)
         _prefill(model, torch.randint(0, 1000, (3, 10), generator=torch.Generator().manual_seed(1)), None, None)
         before = [(cache.k.clone(), cache.v.clone()) for cache in model.kv_caches()]
-        fused = [model.hidden_states(token.unsqueeze(1), 10),
-                 model.hidden_states(token.unsqueeze(1), slots, slots, key_valid)]
+        fused = [model(token.unsqueeze(1), 10), model(token.unsqueeze(1), slots, slots, key_valid)]
         fused_caches = [(cache.k.clone(), cache.v.clone()) for cache in model.kv_caches()]
         for cache, (k, v) in zip(model.kv_caches(), before):
             cache.k.copy_(k), cache.v.copy_(v)
         torch_path(monkeypatch)
-        reference = [model.hidden_states(token.unsqueeze(1), 10),
-                     model.hidden_states(token.unsqueeze(1), slots, slots, key_valid)]
-    assert ran == [True, True]
+        reference = [model(token.unsqueeze(1), 10), model(token.unsqueeze(1), slots, slots, key_valid)]
+    assert len(ran) == 2 and all(logits is not None for logits in ran)
     for ours, theirs in zip(fused, reference):
+        assert ours.shape == theirs.shape == (3, 1, 1000)
         assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
     for (k, v), cache in zip(fused_caches, model.kv_caches()):
         assert torch.allclose(k, cache.k, atol=1e-5) and torch.allclose(v, cache.v, atol=1e-5)
@@ -237,36 +236,38 @@ def test_seeded_tokens_are_those_of_the_torch_path(builds, blocks_dir, monkeypat
                                           generator=torch.Generator().manual_seed(3)))) for batch, steps in runs]
 
     calls = []
-    run = NativeBlocks.run
-    monkeypatch.setattr(NativeBlocks, "run", lambda *args: calls.append(run(*args)) or calls[-1])
+    run = NativeStep.run
+    monkeypatch.setattr(NativeStep, "run", lambda *args: calls.append(run(*args)) or calls[-1])
     fused = tokens()
-    assert calls == [True] * sum(steps - 1 for _, steps in runs)
+    assert len(calls) == sum(steps - 1 for _, steps in runs) and all(logits is not None for logits in calls)
     torch_path(monkeypatch)
     assert all(torch.equal(a, b) for a, b in zip(fused, tokens()))
 
 
-def test_a_product_on_another_kernel_takes_the_torch_path(builds, blocks_dir, monkeypatch):
+@pytest.mark.parametrize("product", ["block", "head"])
+def test_a_product_on_another_kernel_takes_the_torch_path(builds, blocks_dir, monkeypatch, product):
     lib = _compiled(builds, torch.float32)
     model = on_native(load_model(blocks_dir), "float32", lib)
-    assert NativeBlocks.of(model) is not None
+    assert NativeStep.of(model) is not None
     other = next(k for k in kernels_for("float32") if k.run is not native_run and k.form.name == "float32 dense")
-    proj = model.transformer.h[1].mlp.c_proj
-    model.transformer.h[1].mlp.c_proj = Projection(proj.stored, other, other, proj.dtype,
-                                                   (proj.out_features, proj.in_features))
-    assert NativeBlocks.of(model) is None
+    parent, name = (model.transformer.h[1].mlp, "c_proj") if product == "block" else (model, "lm_head")
+    proj = getattr(parent, name)
+    setattr(parent, name, Projection(proj.stored, other, other, proj.dtype, (proj.out_features, proj.in_features),
+                                     proj.tied))
+    assert NativeStep.of(model) is None
     called = []
-    monkeypatch.setattr(NativeBlocks, "run", lambda *args: called.append(args))
+    monkeypatch.setattr(NativeStep, "run", lambda *args: called.append(args))
     list(generate(model, [[1, 2, 3]], 4))
     assert not called
 
 
 def test_a_replaced_parameter_is_read_at_the_next_step(builds, blocks_dir, monkeypatch):
-    """The block table is built again when a layer norm's parameter is replaced: the step reads the new one."""
+    """The table is built again when a layer norm's parameter is replaced: the step reads the new one."""
     lib = _compiled(builds, torch.float32)
     model = on_native(load_model(blocks_dir), "float32", lib)
-    first = NativeBlocks.of(model)
+    first = NativeStep.of(model)
     model.transformer.h[0].ln_2.weight = torch.nn.Parameter(torch.linspace(-2, 2, 64), requires_grad=False)
-    assert NativeBlocks.of(model) is not first
+    assert NativeStep.of(model) is not first
 
     def step() -> torch.Tensor:
         with torch.inference_mode():
@@ -291,4 +292,4 @@ def test_a_forward_hook_on_a_block_sees_its_call(builds, blocks_dir):
     finally:
         hook.remove()
     assert seen == [(1, 3, 64), (1, 1, 64), (1, 1, 64)]
-    assert NativeBlocks.of(model) is not None
+    assert NativeStep.of(model) is not None

@@ -1,0 +1,209 @@
+"""A CPU decode step in one call of the kernel compiled here (`decode_step` in gpt2/rows.c).
+
+Where the tuner gave every block product and the LM head the native kernel (gpt2.native), a decode step of up to
+DECODE_ROWS rows runs its blocks' layer norms, products, attention (its keys and values written into the model's
+KV caches) and gelu, the final layer norm and the LM head in C, in one parallel region of torch's threads: as
+torch ops, with Python between them, the blocks alone are about 200 calls that take as long as a bfloat16 step's
+products. Anything else (another kernel, a GPU, autograd, a cache it cannot read, a forward hook on one of the
+modules it runs) takes the torch path of gpt2.model, which computes the same.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import operator
+import weakref
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+from torch.nn.modules import module as nn_module
+
+from gpt2.kernels import DECODE_ROWS, Projection
+from gpt2.native import Product, library, native_run
+
+if TYPE_CHECKING:
+    from gpt2.model import GPT2LMHeadModel
+
+
+Parts = list[tuple[dict, str, object]]
+
+
+class _Kept:
+    """A model's table, what it was built from (_parts) and the forward hooks it would skip: checked in a few
+    microseconds at every step."""
+
+    def __init__(self, parts: Parts, step: NativeStep | None) -> None:
+        self.owners, self.keys, self.values = (list(column) for column in zip(*parts))
+        self.step = step
+        modules = [value for value in self.values if isinstance(value, torch.nn.Module)]
+        self.hooks = [nn_module._global_forward_hooks, nn_module._global_forward_pre_hooks,
+                      *(m._forward_hooks for m in modules), *(m._forward_pre_hooks for m in modules)]
+
+    def current(self) -> bool:
+        return all(map(operator.is_, map(dict.get, self.owners, self.keys), self.values))
+
+    def hooked(self) -> bool:
+        return any(self.hooks)
+
+
+_TABLES: weakref.WeakKeyDictionary[GPT2LMHeadModel, _Kept] = weakref.WeakKeyDictionary()
+
+
+class _Product(ctypes.Structure):
+    _fields_ = [("weight", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("outliers", ctypes.c_void_p), ("columns", ctypes.c_void_p), ("n_outliers", ctypes.c_int64)]
+
+
+class _Block(ctypes.Structure):
+    _fields_ = [("ln_1_weight", ctypes.c_void_p), ("ln_1_bias", ctypes.c_void_p),
+                ("ln_2_weight", ctypes.c_void_p), ("ln_2_bias", ctypes.c_void_p),
+                ("c_attn", _Product), ("attn_proj", _Product), ("c_fc", _Product), ("mlp_proj", _Product),
+                ("k", ctypes.c_void_p), ("v", ctypes.c_void_p)]
+
+
+def _parts(model: GPT2LMHeadModel) -> Parts:
+    """(dict, key, value) for every object a step's table is built from (the blocks, their modules, the layer
+    norms' parameters, the products' stored forms and kernels, ln_f, the LM head): where any is replaced, it is
+    built again. Dict lookups, not module attributes, so that checking them costs a decode step next to nothing."""
+    transformer = model.transformer
+    parts: Parts = [(transformer._modules, "h", transformer.h), (model._modules, "lm_head", model.lm_head)]
+    owners = [(transformer, ("ln_f",)), (model, ("lm_head",))]
+    for index, block in enumerate(transformer.h):
+        parts.append((transformer.h._modules, str(index), block))
+        owners += [(block, ("ln_1", "attn", "ln_2", "mlp")), (block.attn, ("c_attn", "c_proj")),
+                   (block.mlp, ("c_fc", "c_proj"))]
+    for owner, names in owners:
+        for name in names:
+            module = owner._modules[name]
+            parts.append((owner._modules, name, module))
+            if isinstance(module, torch.nn.LayerNorm):
+                parts += [(module._parameters, key, module._parameters[key]) for key in ("weight", "bias")]
+            elif isinstance(module, Projection):
+                parts += [(module.__dict__, key, module.__dict__[key]) for key in ("stored", "decode")]
+    return parts
+
+
+def _native(module: object) -> bool:
+    return isinstance(module, Projection) and module.decode.run is native_run
+
+
+def _layer_norm_fits(layer_norm: torch.nn.LayerNorm) -> bool:
+    return all(parameter is not None and parameter.dtype == torch.float32 and parameter.is_contiguous()
+               for parameter in (layer_norm.weight, layer_norm.bias))
+
+
+class NativeStep:
+    """The table of one model: every block's layer norms and products, ln_f and the LM head as decode_step
+    reads them."""
+
+    def __init__(self, model: GPT2LMHeadModel, lib: ctypes.CDLL, products: list[list[Product]],
+                 head: Product) -> None:
+        self.lib, self.config = lib, model.config
+        self.inner, self.n_vocab = products[0][2].weight.size(0), head.weight.size(0)
+        self.table = (_Block * len(products))()
+        # The memory the table points into, held by tensors of its own: a parameter given other data (`.data =`)
+        # leaves them alive.
+        self._products = [[_alias(p) for p in block] for block in products]
+        self._head = _alias(head)
+        self._head_struct = _Product(*self._head.pointers())
+        self._norms = [[getattr(block, norm).weight.detach(), getattr(block, norm).bias.detach()]
+                       for block in model.transformer.h for norm in ("ln_1", "ln_2")]
+        self._ln_f = [model.transformer.ln_f.weight.detach(), model.transformer.ln_f.bias.detach()]
+        for index, (entry, block) in enumerate(zip(self.table, self._products)):
+            (entry.ln_1_weight, entry.ln_1_bias), (entry.ln_2_weight, entry.ln_2_bias) = (
+                [tensor.data_ptr() for tensor in norm] for norm in self._norms[2 * index:2 * index + 2])
+            entry.c_attn, entry.attn_proj, entry.c_fc, entry.mlp_proj = (_Product(*p.pointers()) for p in block)
+        # The KV caches the table points at (_use_caches): each block's attention module's children hold its own.
+        self._attention = [block.attn._modules for block in model.transformer.h]
+        self._caches: list = []
+        self._cache_memory: list | None = None
+        self._rows = self._slots = 0
+
+    @classmethod
+    def of(cls, model: GPT2LMHeadModel) -> NativeStep | None:
+        """The model's table (built again where its parameters were replaced), or None where a product runs on
+        another kernel."""
+        kept = _TABLES.get(model)
+        if kept is None or not kept.current():
+            kept = _TABLES[model] = _Kept(_parts(model), cls._build(model))
+        return None if kept.hooked() else kept.step  # a hook would not see the call it is there for
+
+    @classmethod
+    def _build(cls, model: GPT2LMHeadModel) -> NativeStep | None:
+        config, products = model.config, []
+        if not model.transformer.h or not _native(model.lm_head) or not _layer_norm_fits(model.transformer.ln_f):
+            return None
+        for block in model.transformer.h:
+            modules = (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)
+            if not all(map(_native, modules)) or not (_layer_norm_fits(block.ln_1) and _layer_norm_fits(block.ln_2)):
+                return None
+            products.append([Product.of_form(m.stored) for m in modules])
+        head = Product.of_form(model.lm_head.stored)
+        C, inner = config.n_embd, products[0][2].weight.size(0)
+        shapes = [(3 * C, C), (C, C), (inner, C), (C, inner)]
+        dtype = head.weight.dtype
+        if C % config.n_head or head.weight.size(1) != C or any(
+                product.weight.dtype != dtype or tuple(product.weight.shape) != shape
+                for block in products for product, shape in zip(block, shapes)):
+            return None
+        try:
+            for product in (head, *(product for block in products for product in block)):
+                product.check()
+        except ValueError:
+            return None
+        lib = library(dtype)
+        return None if lib is None else cls(model, lib, products, head)
+
+    def _use_caches(self, rows: int) -> bool:
+        """Point the table at the blocks' KV caches, where each is (rows, n_head, slots, head_dim) float32, the
+        same slots in all: checked again only where a cache or its memory is not the last step's."""
+        caches = [attn.get("kv_cache") for attn in self._attention]
+        tensors = [(cache._buffers.get("k"), cache._buffers.get("v")) if cache is not None else (None, None)
+                   for cache in caches]
+        memory = [None if k is None or v is None else (k.data_ptr(), v.data_ptr()) for k, v in tensors]
+        if memory == self._cache_memory and all(map(operator.is_, caches, self._caches)) \
+                and self._rows == rows:
+            return True
+        config = self.config
+        shape = (rows, config.n_head, tensors[0][0].size(2) if tensors[0][0] is not None else -1, config.head_dim)
+        if shape[2] < 1 or any(k is None or v is None or not _cache_fits(k, shape) or not _cache_fits(v, shape)
+                               for k, v in tensors):
+            self._caches, self._cache_memory = [], None
+            return False
+        for entry, (k, v) in zip(self.table, tensors):
+            entry.k, entry.v = k.data_ptr(), v.data_ptr()
+        self._caches, self._cache_memory, self._rows, self._slots = caches, memory, rows, shape[2]
+        return True
+
+    def run(self, x: Tensor, start: int | Tensor, key_valid: Tensor | None) -> Tensor | None:
+        """The logits (B, 1, vocab) of x (B, 1, n_embd), the embedded tokens, with forward()'s `start` and
+        `key_valid` (a token per row at its slot); None, with nothing changed, where this step cannot run here."""
+        B, config = x.size(0), self.config
+        if B > DECODE_ROWS or x.dtype != torch.float32 or not x.is_contiguous() or not self._use_caches(B):
+            return None
+        slots = self._slots
+        if isinstance(start, Tensor) and (start.dtype != torch.int64 or start.numel() not in (1, B)):
+            return None
+        slot = torch.full((B,), start) if isinstance(start, int) else start.reshape(-1).expand(B).contiguous()
+        if int(slot.min()) < 0 or int(slot.max()) >= slots:
+            return None
+        if key_valid is not None and (key_valid.dtype != torch.bool or key_valid.dim() != 2
+                                      or key_valid.size(0) != B or key_valid.size(1) <= int(slot.max())
+                                      or key_valid.stride(1) != 1):
+            return None
+        logits = torch.empty(B, 1, self.n_vocab)
+        failed = self.lib.decode_step(
+            self.table, len(self.table), self._ln_f[0].data_ptr(), self._ln_f[1].data_ptr(),
+            ctypes.byref(self._head_struct), self.n_vocab, x.data_ptr(), logits.data_ptr(), B, config.n_embd,
+            self.inner, config.n_head, slots, slot.data_ptr(), None if key_valid is None else key_valid.data_ptr(),
+            0 if key_valid is None else key_valid.stride(0), config.layer_norm_epsilon, torch.get_num_threads())
+        return None if failed else logits
+
+
+def _alias(product: Product) -> Product:
+    return Product(*(None if tensor is None else tensor.detach() for tensor in product.tensors()))
+
+
+def _cache_fits(tensor: Tensor, shape: tuple[int, ...]) -> bool:
+    return tensor.dtype == torch.float32 and tensor.is_contiguous() and tuple(tensor.shape) == shape
