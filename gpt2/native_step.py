@@ -67,7 +67,9 @@ def _parts(model: GPT2LMHeadModel) -> Parts:
     norms' parameters, the products' stored forms and kernels, ln_f, the LM head): where any is replaced, it is
     built again. Dict lookups, not module attributes, so that checking them costs a decode step next to nothing."""
     transformer = model.transformer
-    parts: Parts = [(transformer._modules, "h", transformer.h), (model._modules, "lm_head", model.lm_head)]
+    # The head is a module, or None as a plain attribute (a model built here, a GPU one): both places are watched.
+    parts: Parts = [(transformer._modules, "h", transformer.h),
+                    (model.__dict__, "lm_head", model.__dict__.get("lm_head"))]
     owners = [(transformer, ("ln_f",)), (model, ("lm_head",))]
     for index, block in enumerate(transformer.h):
         parts.append((transformer.h._modules, str(index), block))
@@ -75,10 +77,10 @@ def _parts(model: GPT2LMHeadModel) -> Parts:
                    (block.mlp, ("c_fc", "c_proj"))]
     for owner, names in owners:
         for name in names:
-            module = owner._modules[name]
+            module = owner._modules.get(name)
             parts.append((owner._modules, name, module))
             if isinstance(module, torch.nn.LayerNorm):
-                parts += [(module._parameters, key, module._parameters[key]) for key in ("weight", "bias")]
+                parts += [(module._parameters, key, module._parameters.get(key)) for key in ("weight", "bias")]
             elif isinstance(module, Projection):
                 parts += [(module.__dict__, key, module.__dict__[key]) for key in ("stored", "decode")]
     return parts

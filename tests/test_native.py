@@ -14,7 +14,9 @@ from conftest import random_hf_model
 import gpt2.native
 import gpt2.native_step
 from gpt2.checkpoint import load_model
+from gpt2.config import GPT2Config
 from gpt2.kernels import Projection, kernels_for
+from gpt2.model import GPT2LMHeadModel
 from gpt2.native import FLAGS, FUNCTIONS, library, native_run, rows_product
 from gpt2.native_step import NativeStep
 from gpt2.quantize import quantize_rows
@@ -293,3 +295,18 @@ def test_a_forward_hook_on_a_block_sees_its_call(builds, blocks_dir):
         hook.remove()
     assert seen == [(1, 3, 64), (1, 1, 64), (1, 1, 64)]
     assert NativeStep.of(model) is not None
+
+
+def test_a_model_built_here_steps_on_the_torch_path():
+    """A model built in Python (nn.Linear products, no head module) takes a decode step as before: the cached
+    step's logits equal the full forward's."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=32, n_embd=64, n_layer=2, n_head=4))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.inference_mode():
+        full = model(ids)[:, -1]
+        model.setup_caches(1, 8)
+        _prefill(model, ids[:, :3], None, None)
+        step = model(ids[:, 3:], 3)[:, -1]
+    assert NativeStep.of(model) is None
+    assert (step - full).abs().max() <= 1e-5 * full.abs().max()
