@@ -98,20 +98,13 @@ def rows_product(x: Tensor, weight: Tensor, bias: Tensor | None = None, scales: 
     """x (rows, in) float32 @ weight (out, in).T [* scales (out,), for int8] + bias (out,) [+ x's outlier
     dimensions (k,) int64 @ their float32 columns (out, k).T, int8's]: float32 (rows, out). The weight is
     float32, bfloat16 or int8 and contiguous; bias and scales are in FUNCTIONS' dtype."""
-    lib = lib or library(weight.dtype)
-    x = x.contiguous()
-    y = torch.empty(x.size(0), weight.size(0))
-    product = Product.of(weight, bias, scales, outliers, columns)
-    product.check(x)
-    getattr(lib, FUNCTIONS[weight.dtype][1])(x.data_ptr(), *product.pointers(), y.data_ptr(), x.size(0),
-                                             weight.size(1), weight.size(0), torch.get_num_threads())
-    return y
+    return Product.of(weight, bias, scales, outliers, columns).times(x, lib)
 
 
 def native_run(x: Tensor, stored: tuple) -> Tensor:
     """The native candidates' Kernel.run: `stored` is a dense form's (weight, bias) or int8's weight-only form
     (quantized, scales, bias, outliers, columns)."""
-    return rows_product(x, *Product.of_form(stored).tensors())
+    return Product.of_form(stored).times(x)
 
 
 @dataclass(frozen=True)
@@ -158,6 +151,17 @@ class Product:
             shape = "" if x is None else f"x {tuple(x.shape)} {x.dtype}, "
             raise ValueError(f"the native product: operands {shape}weight {tuple(weight.shape)} {weight.dtype} "
                              "do not fit")
+
+    def times(self, x: Tensor, lib: ctypes.CDLL | None = None) -> Tensor:
+        """rows_product's result for x (rows, in) float32; ValueError where the operands do not fit."""
+        weight = self.weight
+        lib = lib or library(weight.dtype)
+        x = x.contiguous()
+        self.check(x)
+        y = torch.empty(x.size(0), weight.size(0))
+        getattr(lib, FUNCTIONS[weight.dtype][1])(x.data_ptr(), *self.pointers(), y.data_ptr(), x.size(0),
+                                                 weight.size(1), weight.size(0), torch.get_num_threads())
+        return y
 
     def pointers(self) -> tuple[int | None, ...]:
         """Its fields of struct product: weight, scales, bias, outliers, columns, n_outliers."""

@@ -209,7 +209,7 @@ struct block {
 /* The shapes of a step, and for each of its M rows the cache slot its token goes to and the slots it attends
    to (keys[m * slots ...], n_keys[m] of them). */
 struct step {
-    int64_t M, C, inner, n_head, slots;
+    int64_t M, C, n_head, slots;
     float eps;
     const int64_t *slot;
     const int32_t *keys, *n_keys;
@@ -299,7 +299,7 @@ int decode_step(const struct block *blocks, int64_t n_layer, const float *ln_f_w
             for (int64_t key = 0; key <= slot[m]; key++)
                 if (!valid || valid[m * valid_stride + key] || key == slot[m]) keys[m * slots + n_keys[m]++] = key;
         }
-        struct step s = {M, C, inner, n_head, slots, eps, slot, keys, n_keys};
+        struct step s = {M, C, n_head, slots, eps, slot, keys, n_keys};
 #pragma omp parallel num_threads(threads)
         {
             for (int64_t l = 0; l < n_layer; l++) {
