@@ -84,12 +84,46 @@ def library(dtype: torch.dtype, flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL |
         + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                                           ctypes.c_float, ctypes.c_int]
     lib.decode_step.restype = ctypes.c_int
+    lib.top_k_filter.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int64,
+                                 ctypes.c_void_p]
+    lib.draw_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                              ctypes.c_void_p]
+    lib.top_k_filter.restype = lib.draw_rows.restype = ctypes.c_int
     return lib
 
 
 def available(dtype: torch.dtype) -> bool:
     """Whether the kernel for `dtype` weights builds here (building it the first time)."""
     return library(dtype) is not None
+
+
+def draw_library() -> ctypes.CDLL | None:
+    """The build whose `top_k_filter` and `draw_rows` gpt2.sample's draw uses (they are in every build: the
+    float32 one's), or None where there is none."""
+    return library(torch.float32)
+
+
+def top_k_filter(logits: Tensor, temperature: float, k: int, lib: ctypes.CDLL) -> Tensor | None:
+    """gpt2.sample.top_k_logits(logits / temperature, k), bit for bit, for contiguous float32 logits (B, V) in
+    one pass; None where a row's largest scaled logit is not finite (NaN or inf)."""
+    filtered = torch.empty_like(logits)
+    status = lib.top_k_filter(logits.data_ptr(), logits.size(0), logits.size(1), temperature, k,
+                              filtered.data_ptr())
+    if status < 0:
+        raise MemoryError("top_k_filter: out of memory")
+    return None if status else filtered
+
+
+def draw_rows(probs: Tensor, generator: torch.Generator, lib: ctypes.CDLL) -> Tensor | None:
+    """torch.multinomial(probs, 1).squeeze(1) for contiguous float32 probs (B, V), `generator` (a CPU one) left in
+    the state torch's draw leaves it in; None, the generator untouched, where torch must draw instead."""
+    state = generator.get_state()  # a copy, which the draw advances
+    tokens = torch.empty(probs.size(0), dtype=torch.int64)
+    if lib.draw_rows(probs.data_ptr(), probs.size(0), probs.size(1), state.data_ptr(), state.numel(),
+                     tokens.data_ptr()):
+        return None
+    generator.set_state(state)
+    return tokens
 
 
 def rows_product(x: Tensor, weight: Tensor, bias: Tensor | None = None, scales: Tensor | None = None,

@@ -320,3 +320,171 @@ int decode_step(const struct block *blocks, int64_t n_layer, const float *ln_f_w
     free(h), free(qkv), free(f), free(scores), free(keys), free(n_keys);
     return status;
 }
+
+/* ------------------------------------------------------------------------------------------------ the draw */
+
+/* gpt2.sample's draw after a step, in two passes where torch takes a dozen ops: before its softmax, the logits
+   over the temperature with all but each row's top k set to -inf; after it, torch.multinomial(probs, 1) from
+   torch's CPU generator, the same token and the same generator state as torch's (the caller checks that once
+   per process against torch itself). */
+
+static inline int any(vi mask) {
+    int32_t lanes[VL];
+    memcpy(lanes, &mask, sizeof lanes);
+    int32_t set = 0;
+    for (int i = 0; i < VL; i++) set |= lanes[i];
+    return set != 0;
+}
+
+static void sift_down(float *heap, int64_t k, int64_t i) {
+    for (;;) {
+        int64_t least = i, left = 2 * i + 1, right = left + 1;
+        if (left < k && heap[left] < heap[least]) least = left;
+        if (right < k && heap[right] < heap[least]) least = right;
+        if (least == i) return;
+        float t = heap[i];
+        heap[i] = heap[least], heap[least] = t, i = least;
+    }
+}
+
+/* y (B, V) = logits / temperature, with the entries below their row's k-th largest set to -inf (k < 1 or
+   k >= V: none), as torch computes `masked_fill(scaled < topk(scaled, k).values[..., -1:], -inf)`. Returns 0;
+   1 where a row's largest is not finite (NaN or inf: the caller takes the greedy choice); -1 where memory runs
+   out. */
+int top_k_filter(const float *logits, int64_t B, int64_t V, float temperature, int64_t k, float *y) {
+    int selects = k > 0 && k < V;
+    float *heap = selects ? malloc(k * sizeof(float)) : NULL;
+    if (selects && !heap) return -1;
+    int status = 0;
+    for (int64_t b = 0; b < B && status == 0; b++) {
+        const float *in = logits + b * V;
+        float *out = y + b * V;
+        vf top = splat(-INFINITY);
+        vi nan = {0};
+        int64_t i = 0;
+        for (; i + VL <= V; i += VL) {
+            vf v = load_f32(in + i) / temperature;
+            store_f32(out + i, v);
+            nan |= v != v;
+            top = pick(v > top, v, top);
+        }
+        float largest = -INFINITY;
+        for (int l = 0; l < VL; l++) largest = top[l] > largest ? top[l] : largest;
+        for (; i < V; i++) {
+            out[i] = in[i] / temperature;
+            nan[0] |= out[i] != out[i];
+            largest = out[i] > largest ? out[i] : largest;
+        }
+        if (any(nan) || !isfinite(largest)) {
+            status = 1;
+            break;
+        }
+        if (!selects) continue;
+        /* the k largest in a min-heap, whose root is then the k-th largest */
+        memcpy(heap, out, k * sizeof(float));
+        for (i = k / 2; i-- > 0;) sift_down(heap, k, i);
+        for (i = k; i < V && i % VL; i++)
+            if (out[i] > heap[0]) heap[0] = out[i], sift_down(heap, k, 0);
+        for (; i + VL <= V; i += VL)
+            if (any(load_f32(out + i) > heap[0]))
+                for (int l = 0; l < VL; l++)
+                    if (out[i + l] > heap[0]) heap[0] = out[i + l], sift_down(heap, k, 0);
+        for (; i < V; i++)
+            if (out[i] > heap[0]) heap[0] = out[i], sift_down(heap, k, 0);
+        vf kth = splat(heap[0]), none = splat(-INFINITY);
+        for (i = 0; i + VL <= V; i += VL) {
+            vf v = load_f32(out + i);
+            store_f32(out + i, pick(v < kth, none, v));
+        }
+        for (; i < V; i++) out[i] = out[i] < heap[0] ? -INFINITY : out[i];
+    }
+    free(heap);
+    return status;
+}
+
+/* torch's mt19937 (ATen/core/MT19937RNGEngine.h) and the layout of its CPU generator's get_state(): `left` (int32)
+   at byte 8, `next` (uint64) at 16, the 624 state words (as uint64) from 24, 5056 bytes in all. */
+#define MT_N 624
+#define MT_M 397
+#define STATE_BYTES 5056
+
+static inline uint32_t mt_twist(uint32_t u, uint32_t v) {
+    return (((u & 0x80000000u) | (v & 0x7fffffffu)) >> 1) ^ (v & 1 ? 0x9908b0dfu : 0);
+}
+
+static void mt_next_state(uint32_t *s) {
+    int i = 0;
+    for (; i < MT_N - MT_M; i++) s[i] = s[i + MT_M] ^ mt_twist(s[i], s[i + 1]);
+    for (; i < MT_N - 1; i++) s[i] = s[i + MT_M - MT_N] ^ mt_twist(s[i], s[i + 1]);
+    s[MT_N - 1] = s[MT_M - 1] ^ mt_twist(s[MT_N - 1], s[0]);
+}
+
+static inline uint32_t mt_temper(uint32_t y) {
+    y ^= y >> 11;
+    y ^= (y << 7) & 0x9d2c5680u;
+    y ^= (y << 15) & 0xefc60000u;
+    return y ^ (y >> 18);
+}
+
+/* Entry e of probs (B, V) as a candidate: its ratio p / q, where q = -log1p(-u) rounded to float and u = the low 53
+   bits of (hi << 32 | lo) / 2**53 (torch's exponential_, two words of the generator for every entry), and the
+   row's token where the ratio is its first maximum (torch's argmax of probs / q). Returns 0, or 1 where p is
+   not a probability torch accepts. */
+static int candidate(const float *probs, int64_t e, int64_t V, uint32_t hi, uint32_t lo, int64_t *row, float *best,
+                     int64_t *tokens) {
+    float p = probs[e];
+    if (!(p > 0) || isinf(p)) return 1;
+    if (e / V != *row) *row = e / V, *best = -1;
+    uint64_t bits = (uint64_t)(mt_temper(hi) & 0x1fffffu) << 32 | mt_temper(lo);
+    float q = (float)-log1p(-(double)bits * 0x1p-53);
+    float ratio = p / q;
+    if (ratio > *best) *best = ratio, tokens[*row] = e % V;
+    return 0;
+}
+
+/* tokens (B,) = torch.multinomial(probs (B, V), 1) from the generator whose get_state() bytes `state` holds,
+   advanced in place as torch advances it. Only the nonzero entries can win, so the generator's words are
+   tempered there only. Returns 0; or 1, `state` untouched, where torch must draw instead: another state layout,
+   a row without a candidate, a probability torch refuses, or a zero word (which could make u 0). */
+int draw_rows(const float *probs, int64_t B, int64_t V, uint8_t *state, int64_t state_bytes, int64_t *tokens) {
+    int32_t left;
+    uint64_t next;
+    uint32_t s[MT_N], pending_hi = 0;
+    if (state_bytes != STATE_BYTES) return 1;
+    memcpy(&left, state + 8, 4), memcpy(&next, state + 16, 8);
+    if (left < 1 || left > MT_N || next + left - 1 > MT_N) return 1;
+    for (int i = 0; i < MT_N; i++) {
+        uint64_t word;
+        memcpy(&word, state + 24 + 8 * i, 8);
+        s[i] = (uint32_t)word;
+    }
+    float best = -1;
+    int64_t n = B * V, pos = (int64_t)next, avail = left - 1, word = 0, row = -1, pending = -1;
+    for (int64_t b = 0; b < B; b++) tokens[b] = -1;
+    /* Entry e takes words 2e (hi) and 2e + 1 (lo) of the stream, which s[pos...] holds for a run of `avail`. */
+    while (word < 2 * n) {
+        if (avail == 0) mt_next_state(s), pos = 0, avail = MT_N;
+        int64_t run = avail < 2 * n - word ? avail : 2 * n - word, zero = 0;
+        for (int64_t i = pos; i < pos + run; i++) zero |= s[i] == 0;
+        if (zero) return 1;
+#define WORD(o) s[pos + (o) - word] /* word o of the stream, within this run */
+        if (pending >= 0 && candidate(probs, pending, V, pending_hi, WORD(word), &row, &best, tokens)) return 1;
+        pending = -1;
+        int64_t e = (word + 1) / 2, end = (word + run) / 2; /* the entries with both words in this run */
+        for (; e < end; e++)
+            if (probs[e] != 0 && candidate(probs, e, V, WORD(2 * e), WORD(2 * e + 1), &row, &best, tokens)) return 1;
+        if ((word + run) % 2 && probs[end] != 0) pending = end, pending_hi = WORD(2 * end); /* lo: the next run's */
+#undef WORD
+        word += run, pos += run, avail -= run;
+    }
+    for (int64_t b = 0; b < B; b++)
+        if (tokens[b] < 0) return 1;
+    int32_t new_left = (int32_t)avail + 1;
+    uint64_t new_next = (uint64_t)pos;
+    memcpy(state + 8, &new_left, 4), memcpy(state + 16, &new_next, 8);
+    for (int i = 0; i < MT_N; i++) {
+        uint64_t word64 = s[i];
+        memcpy(state + 24 + 8 * i, &word64, 8);
+    }
+    return 0;
+}

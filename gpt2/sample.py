@@ -8,6 +8,7 @@ CPU that draw is computed by `draw_one`, the same numbers for a fifth of the wor
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from gpt2.kernels import PIECE_ROWS
 from gpt2.model import GPT2LMHeadModel
+from gpt2.native import draw_library, draw_rows, top_k_filter
 
 
 def top_k_logits(logits: Tensor, k: int) -> Tensor:
@@ -47,11 +49,29 @@ def next_token(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: 
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
-    scaled = logits / temperature
-    if not bool(torch.isfinite(scaled.amax(dim=-1)).all()):  # a temperature so near 0 that it overflows:
+    filtered = _scaled_top_k(logits, temperature, top_k)
+    if filtered is None:  # a temperature so near 0 that it overflows:
         return logits.argmax(dim=-1)  # the limit of sampling as temperature -> 0 is the greedy choice
-    logits = top_p_logits(top_k_logits(scaled, top_k), top_p)
-    return draw_one(F.softmax(logits, dim=-1), generator)
+    return draw_one(F.softmax(top_p_logits(filtered, top_p), dim=-1), generator)
+
+
+def _scaled_top_k(logits: Tensor, temperature: float, top_k: int) -> Tensor | None:
+    """top_k_logits(logits / temperature, top_k), or None where a row's largest scaled logit is not finite; in
+    one pass of the compiled draw (gpt2.native) where it can."""
+    lib = _draw_library(logits)
+    if lib is not None:
+        return top_k_filter(logits, temperature, top_k, lib)
+    scaled = logits / temperature
+    if not bool(torch.isfinite(scaled.amax(dim=-1)).all()):
+        return None
+    return top_k_logits(scaled, top_k)
+
+
+def _draw_library(tensor: Tensor) -> ctypes.CDLL | None:
+    """The compiled draw for a contiguous float32 CPU tensor (B, V), or None."""
+    if tensor.device.type != "cpu" or tensor.dtype != torch.float32 or tensor.dim() != 2 or not tensor.is_contiguous():
+        return None
+    return draw_library()
 
 
 def next_tokens(logits: Tensor, temperature: float, top_k: int, top_p: float,
@@ -78,29 +98,40 @@ def draw_one(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
 
     For one sample torch takes argmax(probs / q) with q ~ Exp(1) for *every* entry: exponential_ turns two
     32-bit draws of the generator per entry into u = (their low 53 bits) / 2**53 and q = -log1p(-u), in
-    double, one entry after another. Only entries with a probability above 0 can win, so this draws the
-    same 64-bit numbers with random_ (a fifth of the time) and computes q only there, with the C library's
-    log1p, as torch does. Torch versions that draw otherwise (before 2.7 its CPU sampler used MKL) are
-    caught by a check, once per process, that falls back to torch.multinomial (draw_one_matches_torch).
-    Anything else (another device or dtype, many candidates, a u of exactly 0, probabilities torch would
-    refuse) is left to torch.multinomial itself, from the same generator state.
+    double, one entry after another. Only entries with a probability above 0 can win, so this computes q
+    only there, with the C library's log1p, as torch does. The compiled draw (gpt2.native.draw_rows) runs
+    torch's mt19937 on a copy of the generator's state and sets the state after; without it, random_ draws
+    the same 64-bit numbers (a fifth of the time). Torch versions that draw otherwise (before 2.7 its CPU
+    sampler used MKL) are caught by a check, once per process, that falls back to torch.multinomial
+    (draw_one_matches_torch). Anything else (another device or dtype, a u that could be 0, probabilities
+    torch would refuse; without the compiled draw, many candidates) is left to torch.multinomial itself,
+    from the same generator state.
     """
     drawn = None
     if (probs.device.type == "cpu" and probs.dtype == torch.float32 and probs.dim() == 2 and probs.is_contiguous()
             and draw_one_matches_torch()):
-        drawn = _draw_at_nonzero_entries(probs, generator)
+        drawn = _draw(probs, generator)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1) if drawn is None else drawn
+
+
+def _draw(probs: Tensor, generator: torch.Generator | None) -> Tensor | None:
+    """draw_one's own draw, or None (the generator untouched) where torch.multinomial must draw instead: the
+    compiled one (gpt2.native.draw_rows, in one pass) where it builds, else _draw_at_nonzero_entries."""
+    lib = _draw_library(probs)
+    if lib is None:
+        return _draw_at_nonzero_entries(probs, generator)
+    return draw_rows(probs, torch.default_generator if generator is None else generator, lib)
 
 
 @functools.cache
 def draw_one_matches_torch() -> bool:
-    """Whether _draw_at_nonzero_entries draws what this torch's multinomial draws: a few top-k draws on
-    a generator of its own (no global state is touched), once per process."""
+    """Whether _draw draws what this torch's multinomial draws: a few top-k draws on a generator of its own (no
+    global state is touched), once per process."""
     logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(1))
     probs = F.softmax(top_k_logits(logits, 40), dim=-1)
     ours, theirs = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
     for _ in range(4):
-        drawn = _draw_at_nonzero_entries(probs, ours)
+        drawn = _draw(probs, ours)
         if drawn is None or not torch.equal(drawn, torch.multinomial(probs, 1, generator=theirs).squeeze(1)):
             return False
     return torch.equal(ours.get_state(), theirs.get_state())

@@ -22,6 +22,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 import gpt2.sample
 from gpt2.checkpoint import load_model
 from gpt2.model import GPT2LMHeadModel
+from gpt2.native import draw_library, draw_rows, top_k_filter
 from gpt2.sample import DRAW_MAX_CANDIDATES, draw_one, generate, next_token, sample_sequence, top_k_logits, top_p_logits
 
 EOT = 50256
@@ -265,22 +266,80 @@ def test_prompt_plus_new_tokens_beyond_the_window_is_a_value_error(pair, lengths
         sample_sequence(ours, budget, context=prompts[-1], batch_size=len(lengths))
 
 
-def test_draw_one_falls_back_to_torch_where_they_differ(monkeypatch):
+@pytest.fixture(params=["compiled", "python"])
+def draw_path(request, monkeypatch) -> str:
+    """The draw of the C build (gpt2.native) and the one without it (random_ and Python)."""
+    if request.param == "compiled":
+        assert draw_library() is not None or pytest.skip("no C compiler or OpenMP here")
+    else:
+        monkeypatch.setattr(gpt2.sample, "draw_library", lambda: None)
+    gpt2.sample.draw_one_matches_torch.cache_clear()
+    yield request.param
+    gpt2.sample.draw_one_matches_torch.cache_clear()
+
+
+def test_draw_one_falls_back_to_torch_where_they_differ(monkeypatch, draw_path):
     """Where this torch's multinomial draws otherwise (as before 2.7), the once-per-process check finds it
     and draw_one draws with torch.multinomial itself."""
+    multinomial = torch.multinomial
+
+    def other_sampler(probs, num_samples, generator=None):  # a torch whose sampler draws other numbers
+        torch.rand(1, generator=generator)
+        return multinomial(probs, num_samples, generator=generator)
+
+    monkeypatch.setattr(torch, "multinomial", other_sampler)
+    assert not gpt2.sample.draw_one_matches_torch()
+    probs = F.softmax(top_k_logits(torch.randn(4, 5000, generator=torch.Generator().manual_seed(3)), 40), -1)
+    for seed in range(5):
+        ours = draw_one(probs, torch.Generator().manual_seed(seed))
+        assert torch.equal(ours, other_sampler(probs, 1, generator=torch.Generator().manual_seed(seed))[:, 0])
+    monkeypatch.setattr(torch, "multinomial", multinomial)  # this torch's sampler again: the check agrees
     gpt2.sample.draw_one_matches_torch.cache_clear()
-    monkeypatch.setattr(gpt2.sample, "_LOW_53_BITS", (1 << 52) - 1)  # a sampler that draws other numbers
-    try:
-        assert not gpt2.sample.draw_one_matches_torch()
-        probs = F.softmax(top_k_logits(torch.randn(4, 5000, generator=torch.Generator().manual_seed(3)), 40), -1)
-        for seed in range(5):
-            ours = draw_one(probs, torch.Generator().manual_seed(seed))
-            assert torch.equal(ours, torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed))[:, 0])
-    finally:
-        monkeypatch.undo()  # this torch's sampler again: the check, run afresh, finds they agree
-        gpt2.sample.draw_one_matches_torch.cache_clear()
-    monkeypatch.undo()
     assert gpt2.sample.draw_one_matches_torch()
+
+
+def test_the_compiled_filter_equals_top_k_logits_of_the_scaled_logits():
+    """top_k_filter is top_k_logits(logits / t, k) bit for bit: ties at the k-th value, -inf entries, k of 0,
+    1, V and beyond, a row of one entry, rows of a batch cut apart; None where a row's largest is not finite."""
+    lib = draw_library() or pytest.skip("no C compiler or OpenMP here")
+    for seed in range(60):
+        gen = torch.Generator().manual_seed(seed)
+        rows, width = 1 + seed % 3, (VOCAB, 1000, 17, 1, 64)[seed % 5]
+        logits = torch.randn(rows, width, generator=gen) * (0.3 + seed % 7)
+        if seed % 4 == 0:
+            logits = logits.round()  # many ties, at the k-th value too
+        if seed % 6 == 0:
+            logits[:, ::3] = NEG_INF
+        k = (0, 1, 2, 40, width, width + 5)[seed % 6]
+        temperature = (0.7, 1.0, 0.3, 1.7, 1e-3)[seed % 5]
+        scaled = logits / temperature
+        got = top_k_filter(logits, temperature, k, lib)
+        if bool(torch.isfinite(scaled.amax(dim=-1)).all()):
+            assert torch.equal(got, top_k_logits(scaled, k)), seed
+        else:  # a row of -inf only
+            assert got is None and width == 1, seed
+    for bad in (float("nan"), float("inf")):
+        logits = torch.randn(3, 100)
+        logits[2, 50] = bad
+        assert top_k_filter(logits, 0.7, 40, lib) is None
+    assert top_k_filter(torch.full((1, 9), NEG_INF), 0.7, 4, lib) is None
+    assert top_k_filter(torch.full((1, 9), 1e38), 1e-3, 4, lib) is None  # overflows to inf
+
+
+def test_the_compiled_draw_leaves_a_state_with_a_zero_word_to_torch():
+    """A zero word of the generator (u could be 0) makes the compiled draw give way, the state untouched;
+    draw_one then draws torch's token from it."""
+    lib = draw_library() or pytest.skip("no C compiler or OpenMP here")
+    probs = F.softmax(top_k_logits(torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(4)), 40), -1)
+    generator = torch.Generator().manual_seed(5)
+    torch.rand(3, generator=generator)
+    state = generator.get_state()
+    state[24 + 8 * 300:24 + 8 * 301] = 0  # a word the draw reads before its first twist
+    generator.set_state(state)
+    assert draw_rows(probs, generator, lib) is None
+    assert torch.equal(generator.get_state(), state)
+    expected = torch.multinomial(probs, 1, generator=torch.Generator().set_state(state)).squeeze(1)
+    assert torch.equal(draw_one(probs, generator), expected)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -405,7 +464,7 @@ def test_top_p_equals_transformers_warper(p):
     assert torch.equal(top_p_logits(logits, p), expected)
 
 
-def test_next_token_greedy_and_degenerate_draws():
+def test_next_token_greedy_and_degenerate_draws(draw_path):
     logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(1))
     argmax = logits.argmax(dim=-1)
     token = next_token(logits, temperature=0.0)
@@ -418,7 +477,7 @@ def test_next_token_greedy_and_degenerate_draws():
         assert torch.equal(next_token(logits, temperature=0.7, top_p=1e-6), argmax)
 
 
-def test_next_token_draws_from_the_filtered_distribution():
+def test_next_token_draws_from_the_filtered_distribution(draw_path):
     """The draw is the multinomial of softmax(top_p(top_k(logits / t))), from the global generator."""
     logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(2))
     scores = TopPLogitsWarper(top_p=0.9)(None, TopKLogitsWarper(top_k=40)(None, logits / 0.7))
@@ -445,7 +504,7 @@ def _torch_multinomial(probs: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("batch", [1, 3, 8])
 @pytest.mark.parametrize("k", [1, 2, 40, 300])
-def test_draw_one_equals_torch_multinomial_and_leaves_the_generator_alike(batch, k):
+def test_draw_one_equals_torch_multinomial_and_leaves_the_generator_alike(batch, k, draw_path):
     """Same token per row and the same generator state after, over many seeds, scales and cut-offs."""
     for seed in range(40):
         logits = torch.randn(batch, VOCAB, generator=torch.Generator().manual_seed(seed)) * (0.3 + seed % 5 * 3)
@@ -456,7 +515,7 @@ def test_draw_one_equals_torch_multinomial_and_leaves_the_generator_alike(batch,
         assert torch.equal(state, expected_state)
 
 
-def test_draw_one_breaks_ties_like_torch_and_takes_every_path():
+def test_draw_one_breaks_ties_like_torch_and_takes_every_path(draw_path):
     """Exact ties (equal probabilities, in a batch and in a row alone), rows of one candidate, more candidates
     than DRAW_MAX_CANDIDATES (torch's own draw), non-contiguous and double input: always torch.multinomial's
     token and state."""
@@ -475,7 +534,7 @@ def test_draw_one_breaks_ties_like_torch_and_takes_every_path():
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf", "negative", "all zero row"])
-def test_draw_one_refuses_what_torch_refuses(bad):
+def test_draw_one_refuses_what_torch_refuses(bad, draw_path):
     probs = F.softmax(top_k_logits(torch.randn(2, VOCAB), 40), dim=-1)
     value = {"nan": float("nan"), "inf": float("inf"), "negative": -0.5, "all zero row": 0.0}[bad]
     if bad == "all zero row":
