@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from gpt2.errors import GPT2Error
 from gpt2.native import available as native_available
-from gpt2.native import native_run
+from gpt2.native import native_run, native_stream_run
 
 # oneDNN's packed layout is tuned for a row count: decoding's few rows.
 PACK_ROWS = 8
@@ -258,7 +258,8 @@ def float_kernels(dtype: torch.dtype, native: bool = False) -> list[Kernel]:
                  if onednn_linear_available(dtype) else []),  # without it `linear` is F.linear
                Kernel(f"{_short(dtype)} oneDNN packed", packed, _in(dtype)(linear), takes)]
     if native:
-        kernels.append(Kernel(f"{_short(dtype)} native", dense, native_run, prefills=False))
+        kernels += [Kernel(f"{_short(dtype)} native", dense, native_run, prefills=False),
+                    Kernel(f"{_short(dtype)} native streaming", dense, native_stream_run, prefills=False)]
     if dtype == torch.float32:  # and transformers' own product, on the Conv1D layout
         return [*kernels, Kernel("float32 x @ w", _transposed_form(dtype), _addmm)]
     # For a prompt on the dense form where the CPU has no fast 16-bit product (AVX2 only): the weight widened

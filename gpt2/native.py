@@ -77,8 +77,8 @@ def library(dtype: torch.dtype, flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL |
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError):
         return None
-    getattr(lib, name).argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 3 \
-        + [ctypes.c_int]
+    getattr(lib, name).argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] \
+        + [ctypes.c_int64] * 3 + [ctypes.c_int]
     getattr(lib, name).restype = None
     lib.decode_step.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] \
         + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
@@ -127,44 +127,55 @@ def draw_rows(probs: Tensor, generator: torch.Generator, lib: ctypes.CDLL) -> Te
 
 
 def rows_product(x: Tensor, weight: Tensor, bias: Tensor | None = None, scales: Tensor | None = None,
-                 outliers: Tensor | None = None, columns: Tensor | None = None,
+                 outliers: Tensor | None = None, columns: Tensor | None = None, stream: bool = False,
                  lib: ctypes.CDLL | None = None) -> Tensor:
     """x (rows, in) float32 @ weight (out, in).T [* scales (out,), for int8] + bias (out,) [+ x's outlier
     dimensions (k,) int64 @ their float32 columns (out, k).T, int8's]: float32 (rows, out). The weight is
-    float32, bfloat16 or int8 and contiguous; bias and scales are in FUNCTIONS' dtype."""
-    return Product.of(weight, bias, scales, outliers, columns).times(x, lib)
+    float32, bfloat16 or int8 and contiguous; bias and scales are in FUNCTIONS' dtype. `stream`: one row of x
+    reads the weight one row after another (else four rows at a time)."""
+    return Product.of(weight, bias, scales, outliers, columns, stream).times(x, lib)
 
 
 def native_run(x: Tensor, stored: tuple) -> Tensor:
     """The native candidates' Kernel.run: `stored` is a dense form's (weight, bias) or int8's weight-only form
-    (quantized, scales, bias, outliers, columns)."""
+    (quantized, scales, bias, outliers, columns); one row of x against four weight rows at a time."""
     return Product.of_form(stored).times(x)
+
+
+def native_stream_run(x: Tensor, stored: tuple) -> Tensor:
+    """native_run, but one row of x reads the weight rows one after another, as one stream."""
+    return Product.of_form(stored, stream=True).times(x)
+
+
+# The native candidates' Kernel.run, and whether each streams one row of x.
+NATIVE_RUNS = {native_run: False, native_stream_run: True}
 
 
 @dataclass(frozen=True)
 class Product:
     """One product's operands as rows.c's `struct product` takes them (int8's scales, outliers, columns: None
-    for float weights and where no input dimension is an outlier)."""
+    for float weights and where no input dimension is an outlier), and how one row of x reads the weight."""
 
     weight: Tensor
     bias: Tensor | None = None
     scales: Tensor | None = None
     outliers: Tensor | None = None
     columns: Tensor | None = None
+    stream: bool = False
 
     @classmethod
     def of(cls, weight: Tensor, bias: Tensor | None = None, scales: Tensor | None = None,
-           outliers: Tensor | None = None, columns: Tensor | None = None) -> Product:
+           outliers: Tensor | None = None, columns: Tensor | None = None, stream: bool = False) -> Product:
         if outliers is not None and outliers.numel() == 0:
             outliers = columns = None
-        return cls(weight, bias, scales, outliers, columns)
+        return cls(weight, bias, scales, outliers, columns, stream)
 
     @classmethod
-    def of_form(cls, stored: tuple) -> Product:
+    def of_form(cls, stored: tuple, stream: bool = False) -> Product:
         if len(stored) == 2:
-            return cls.of(*stored)
+            return cls.of(*stored, stream=stream)
         quantized, scales, bias, outliers, columns = stored
-        return cls.of(quantized, bias, scales, outliers, columns)
+        return cls.of(quantized, bias, scales, outliers, columns, stream)
 
     def tensors(self) -> tuple[Tensor | None, ...]:
         return self.weight, self.bias, self.scales, self.outliers, self.columns
@@ -198,12 +209,12 @@ class Product:
         return y
 
     def pointers(self) -> tuple[int | None, ...]:
-        """Its fields of struct product: weight, scales, bias, outliers, columns, n_outliers."""
+        """Its fields of struct product: weight, scales, bias, outliers, columns, n_outliers, stream."""
         def address(tensor: Tensor | None) -> int | None:
             return None if tensor is None else tensor.data_ptr()
 
         return (address(self.weight), address(self.scales), address(self.bias), address(self.outliers),
-                address(self.columns), 0 if self.outliers is None else self.outliers.numel())
+                address(self.columns), 0 if self.outliers is None else self.outliers.numel(), int(self.stream))
 
 
 def _fits(tensor: Tensor | None, dtype: torch.dtype, shape: tuple[int, ...]) -> bool:

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.nn.modules import module as nn_module
 
 from gpt2.kernels import DECODE_ROWS, Projection
-from gpt2.native import Product, library, native_run
+from gpt2.native import NATIVE_RUNS, Product, library
 
 if TYPE_CHECKING:
     from gpt2.model import GPT2LMHeadModel
@@ -52,7 +52,8 @@ _TABLES: weakref.WeakKeyDictionary[GPT2LMHeadModel, _Kept] = weakref.WeakKeyDict
 
 class _Product(ctypes.Structure):
     _fields_ = [("weight", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-                ("outliers", ctypes.c_void_p), ("columns", ctypes.c_void_p), ("n_outliers", ctypes.c_int64)]
+                ("outliers", ctypes.c_void_p), ("columns", ctypes.c_void_p), ("n_outliers", ctypes.c_int64),
+                ("stream", ctypes.c_int64)]
 
 
 class _Block(ctypes.Structure):
@@ -87,7 +88,11 @@ def _parts(model: GPT2LMHeadModel) -> Parts:
 
 
 def _native(module: object) -> bool:
-    return isinstance(module, Projection) and module.decode.run is native_run
+    return isinstance(module, Projection) and module.decode.run in NATIVE_RUNS
+
+
+def _product(module: Projection) -> Product:
+    return Product.of_form(module.stored, NATIVE_RUNS[module.decode.run])
 
 
 def _layer_norm_fits(layer_norm: torch.nn.LayerNorm) -> bool:
@@ -140,8 +145,8 @@ class NativeStep:
             modules = (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)
             if not all(map(_native, modules)) or not (_layer_norm_fits(block.ln_1) and _layer_norm_fits(block.ln_2)):
                 return None
-            products.append([Product.of_form(m.stored) for m in modules])
-        head = Product.of_form(model.lm_head.stored)
+            products.append([_product(m) for m in modules])
+        head = _product(model.lm_head)
         C, inner = config.n_embd, products[0][2].weight.size(0)
         shapes = [(3 * C, C), (C, C), (inner, C), (C, inner)]
         dtype = head.weight.dtype

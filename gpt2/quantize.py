@@ -36,7 +36,7 @@ from gpt2.kernels import (
     int8_weight_only_available,
 )
 from gpt2.model import GPT2LMHeadModel
-from gpt2.native import native_run
+from gpt2.native import native_run, native_stream_run
 from gpt2.tuning import Choice, projection, projection_places
 
 # A projection takes the dynamic kernel only where, on the calibration activations, its largest error is
@@ -288,7 +288,9 @@ def int8_kernels(native: bool = False) -> list[Kernel]:
             Kernel("int8 weight widened to bfloat16", INT8_WEIGHT_ONLY, _widened_run),
             Kernel("int8 weight widened to float32", INT8_WEIGHT_ONLY,
                    functools.partial(_widened_run, dtype=torch.float32)),
-            *([Kernel("int8 native", INT8_WEIGHT_ONLY, native_run, prefills=False)] if native else [])]
+            *([Kernel("int8 native", INT8_WEIGHT_ONLY, native_run, prefills=False),
+               Kernel("int8 native streaming", INT8_WEIGHT_ONLY, native_stream_run, prefills=False)]
+              if native else [])]
 
 
 def for_the_head(kernels: list[Kernel]) -> list[Kernel]:

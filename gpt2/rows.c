@@ -32,7 +32,10 @@
 #define R 4             /* weight rows per tile */
 #define TILE_ROWS(xrows) ((xrows) * 4 <= ACC ? 4 : (xrows) * 2 <= ACC ? 2 : 1)
 #define VL (VBYTES / 4) /* floats per vector */
-#define AHEAD 4         /* weight rows prefetched ahead */
+#define AHEAD 4         /* weight rows prefetched ahead (tile) */
+#ifndef STREAM_AHEAD
+#define STREAM_AHEAD 2048 /* bytes prefetched ahead (streamed_dot) */
+#endif
 
 typedef float vf __attribute__((vector_size(VBYTES), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(VBYTES), aligned(4)));
@@ -119,6 +122,7 @@ struct product {
     const int64_t *outliers;
     const float *columns;
     int64_t n_outliers;
+    int64_t stream; /* one x row: weight rows in turn (streamed_dot), else R at a time (tile) */
 };
 
 /* out[j * R + r] = x[m + j] . w[n + r] for r < rows, j < xrows (constants where inlined, so the accumulators
@@ -147,6 +151,25 @@ static inline __attribute__((always_inline)) void tile(const float *x, const W *
         }
 }
 
+/* x . w over K, one weight row read as one stream with four accumulators, the line STREAM_AHEAD bytes ahead
+   prefetched: a thread whose weight rows follow each other in memory reads one linear stream. Which of this and
+   `tile` streams faster from memory depends on the CPU's prefetchers (gpt2.kernels has a candidate of each). */
+static inline float streamed_dot(const float *x, const W *w, int64_t K) {
+    enum { STEP = 4 * VL, STEP_BYTES = STEP * sizeof(W) };
+    vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    int64_t k = 0;
+    for (; k + STEP <= K; k += STEP) {
+        for (int line = 0; line < STEP_BYTES; line += 64) __builtin_prefetch((const char *)(w + k) + STREAM_AHEAD + line, 0, 3);
+        a0 += LOAD(w + k) * load_f32(x + k);
+        a1 += LOAD(w + k + VL) * load_f32(x + k + VL);
+        a2 += LOAD(w + k + 2 * VL) * load_f32(x + k + 2 * VL);
+        a3 += LOAD(w + k + 3 * VL) * load_f32(x + k + 3 * VL);
+    }
+    float s = sum((a0 + a1) + (a2 + a3));
+    for (; k < K; k++) s += x[k] * WIDEN(w[k]);
+    return s;
+}
+
 /* y (M, N) = x (M, K) @ w.T [* scales] + bias [+ the outliers' product], or y += that where `add` (the residual
    stream). The tiles of R weight rows are split between the threads of the enclosing parallel region. */
 static void product(const struct product *p, const float *x, float *y, int64_t M, int64_t K, int64_t N, int add) {
@@ -159,7 +182,9 @@ static void product(const struct product *p, const float *x, float *y, int64_t M
         for (int64_t m0 = 0; m0 < M; m0 += XROWS) {
             int64_t end = m0 + XROWS < M ? m0 + XROWS : M, m;
             float out[XROWS * R];
-            if (rows == R) {
+            if (p->stream && end - m0 == 1) {
+                for (int r = 0; r < rows; r++) out[r] = streamed_dot(x + m0 * K, w + (n0 + r) * K, K);
+            } else if (rows == R) {
                 switch (end - m0) { /* a tile shape per row count, whose loops the compiler unrolls */
 #define TILES(xrows)                                                                                               \
     case xrows:                                                                                                    \
@@ -191,8 +216,9 @@ static void product(const struct product *p, const float *x, float *y, int64_t M
 
 /* The product alone (gpt2.native.rows_product): bias and scales may be NULL, outliers as in struct product. */
 void ROWS(const float *x, const W *w, const uint16_t *scales, const BIAS *bias, const int64_t *outliers,
-          const float *columns, int64_t n_outliers, float *y, int64_t M, int64_t K, int64_t N, int threads) {
-    struct product p = {w, scales, bias, outliers, columns, n_outliers};
+          const float *columns, int64_t n_outliers, int64_t stream, float *y, int64_t M, int64_t K, int64_t N,
+          int threads) {
+    struct product p = {w, scales, bias, outliers, columns, n_outliers, stream};
 #pragma omp parallel num_threads(threads)
     product(&p, x, y, M, K, N, 0);
 }

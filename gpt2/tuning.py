@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from gpt2.errors import GPT2Error
 from gpt2.heap import return_free_memory
 from gpt2.kernels import Form, Kernel, Linear, Projection, Stored, aligned, kernels_for, onednn_linear_available
-from gpt2.native import native_run
+from gpt2.native import NATIVE_RUNS
 
 if TYPE_CHECKING:
     from gpt2.prepared import Prepared
@@ -70,7 +70,7 @@ REBUILT_MARGIN = 0.25  # how much faster a form built on every load (packed) mus
 # A product's native kernel is taken where it costs at most this many times the fastest (Choice.for_the_step): with
 # every block product and the LM head native, a decode step runs in one call, a fifth faster at batch 1.
 STEP_NATIVE_MARGIN = 1.2
-RANKING = 12  # how rankings are measured, and of which candidates: part of the cache key, so a change measures again
+RANKING = 13  # how rankings are measured, and of which candidates: part of the cache key, so a change measures again
 
 # The instruction sets that decide which kernels win: part of the ranking's key, named in benchmark tables.
 KERNEL_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16",
@@ -110,7 +110,7 @@ class Choice:
         """The ranking a model's product takes: the native kernel first where it costs at most STEP_NATIVE_MARGIN
         times the fastest, since a decode step whose products are all native runs in one call
         (gpt2.native_step), which saves more than that."""
-        native = [name for name in self.decode if any(k.name == name and k.run is native_run for k in kernels)]
+        native = [name for name in self.decode if any(k.name == name and k.run in NATIVE_RUNS for k in kernels)]
         if not native or native[0] == self.decode[0] \
                 or self.cost.get(native[0], math.inf) > STEP_NATIVE_MARGIN * self.cost.get(self.decode[0], 0.0):
             return self

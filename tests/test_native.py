@@ -17,7 +17,7 @@ from gpt2.checkpoint import load_model
 from gpt2.config import GPT2Config
 from gpt2.kernels import Projection, kernels_for
 from gpt2.model import GPT2LMHeadModel
-from gpt2.native import FLAGS, FUNCTIONS, library, native_run, rows_product
+from gpt2.native import FLAGS, FUNCTIONS, NATIVE_RUNS, library, native_run, rows_product
 from gpt2.native_step import NativeStep
 from gpt2.quantize import quantize_rows
 from gpt2.sample import _prefill, generate
@@ -78,6 +78,24 @@ def test_products_equal_float64_ones(builds, build, dtype, rows, out_features, i
     x, weight, b, scales, exact = _operands(rows, out_features, in_features, dtype, bias)
     y = rows_product(x, weight, b, scales, lib=lib)
     assert y.shape == (rows, out_features) and y.dtype == torch.float32
+    assert (y.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "out_features", "in_features"), [(1, 768, 768), (1, 13, 77), (1, 50, 200),
+                                                                   (1, 7, 3072), (2, 50, 200)])
+def test_streamed_products_equal_float64_ones(builds, build, dtype, rows, out_features, in_features):
+    """The streaming kernel (one row of x: weight rows in turn; more rows: the tiles), inputs that are and are
+    not a multiple of its four vectors, int8 with outlier columns: float32 sums of exact products."""
+    lib = _compiled(builds, dtype, build)
+    x, weight, b, scales, exact = _operands(rows, out_features, in_features, dtype, True)
+    outliers = columns = None
+    if dtype == torch.int8:
+        outliers = torch.tensor([3, in_features - 1])
+        columns = torch.randn(out_features, 2, generator=torch.Generator().manual_seed(5))
+        exact = exact + x[:, outliers].double() @ columns.double().T
+    y = rows_product(x, weight, b, scales, outliers, columns, stream=True, lib=lib)
     assert (y.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
 
 
@@ -166,10 +184,11 @@ def blocks_dir(tmp_path_factory):
     return directory
 
 
-def on_native(model, precision: str, lib):
-    """The model with every block product and the LM head on the native kernel, whatever this machine's timing
-    picked; int8's with two outlier input dimensions, whose weight columns stay float32."""
-    native = next((k for k in kernels_for(precision) if k.run is native_run), None)
+def on_native(model, precision: str, lib, stream: bool = False):
+    """The model with every block product and the LM head on the native kernel (`stream`: the streaming one),
+    whatever this machine's timing picked; int8's with two outlier input dimensions, whose weight columns stay
+    float32."""
+    native = next((k for k in kernels_for(precision) if NATIVE_RUNS.get(k.run, None) is stream), None)
     if native is None or lib is None:
         pytest.skip("no C compiler or OpenMP here")
     places = [(getattr(block, owner), name) for block in model.transformer.h for owner, name in PRODUCTS]
@@ -189,27 +208,33 @@ def torch_path(monkeypatch):
 
 @pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8"])
-def test_a_decode_step_in_one_call_equals_the_torch_path(builds, blocks_dir, monkeypatch, build, precision):
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_decode_step_in_one_call_equals_the_torch_path(builds, blocks_dir, monkeypatch, build, precision, stream):
     """The logits and the KV caches of one step at a common slot and at each row's own slot with a padding hole
-    in key_valid (the scheduler's step), from the same caches: within 1e-5 of the torch path's."""
+    in key_valid (the scheduler's step), from the same caches: within 1e-5 of the torch path's. The streaming
+    kernel differs from the other at one row only: a step of one row."""
     dtype = torch.int8 if precision == "int8" else LOAD_DTYPES[precision]
     lib = _compiled(builds, dtype, build)
     monkeypatch.setattr(gpt2.native_step, "library", lambda _: lib)
-    model = on_native(load_model(blocks_dir, dtype=LOAD_DTYPES[precision], int8=precision == "int8"), precision, lib)
+    model = on_native(load_model(blocks_dir, dtype=LOAD_DTYPES[precision], int8=precision == "int8"), precision, lib,
+                      stream)
+    rows = 1 if stream else 3
     assert NativeStep.of(model) is not None
     if precision == "int8":
         assert all(part.numel() == 2 for block in model.transformer.h
                    for part in (block.attn.c_attn.stored[3], block.mlp.c_proj.stored[3]))
-    token = torch.tensor([5, 900, 42])
+    token = torch.tensor([5, 900, 42])[:rows]
     key_valid = torch.ones(3, 64, dtype=torch.bool)
     key_valid[1, :2] = False  # row 1's first two slots are padding
-    slots = torch.tensor([[9], [7], [8]])
+    key_valid[0, 3] = False  # and row 0's slot 3 (a row of a finished prompt, gpt2.scheduler)
+    key_valid = key_valid[:rows]
+    slots = torch.tensor([[9], [7], [8]])[:rows]
     ran = []
     run = NativeStep.run
     monkeypatch.setattr(NativeStep, "run", lambda *args: ran.append(run(*args)) or ran[-1])
     with torch.inference_mode():
-        model.setup_caches(3, 64)
-        _prefill(model, torch.randint(0, 1000, (3, 10), generator=torch.Generator().manual_seed(1)), None, None)
+        model.setup_caches(rows, 64)
+        _prefill(model, torch.randint(0, 1000, (rows, 10), generator=torch.Generator().manual_seed(1)), None, None)
         before = [(cache.k.clone(), cache.v.clone()) for cache in model.kv_caches()]
         fused = [model(token.unsqueeze(1), 10), model(token.unsqueeze(1), slots, slots, key_valid)]
         fused_caches = [(cache.k.clone(), cache.v.clone()) for cache in model.kv_caches()]
@@ -219,17 +244,18 @@ def test_a_decode_step_in_one_call_equals_the_torch_path(builds, blocks_dir, mon
         reference = [model(token.unsqueeze(1), 10), model(token.unsqueeze(1), slots, slots, key_valid)]
     assert len(ran) == 2 and all(logits is not None for logits in ran)
     for ours, theirs in zip(fused, reference):
-        assert ours.shape == theirs.shape == (3, 1, 1000)
+        assert ours.shape == theirs.shape == (rows, 1, 1000)
         assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
     for (k, v), cache in zip(fused_caches, model.kv_caches()):
         assert torch.allclose(k, cache.k, atol=1e-5) and torch.allclose(v, cache.v, atol=1e-5)
 
 
-def test_seeded_tokens_are_those_of_the_torch_path(builds, blocks_dir, monkeypatch):
+@pytest.mark.parametrize("stream", [False, True])
+def test_seeded_tokens_are_those_of_the_torch_path(builds, blocks_dir, monkeypatch, stream):
     """Prompts of different lengths (left padding, masked), sampled, in batches of 3, 1 and 6 rows and a run
     whose caches grow past their first 64 slots (the table follows the caches): the same tokens either way."""
     lib = _compiled(builds, torch.bfloat16)
-    model = on_native(load_model(blocks_dir, dtype=torch.bfloat16), "bfloat16", lib)
+    model = on_native(load_model(blocks_dir, dtype=torch.bfloat16), "bfloat16", lib, stream)
     prompts = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11]]
     runs = [(prompts, 12), (prompts[:1], 12), (prompts * 2, 12), (prompts[:1], 90)]
 
