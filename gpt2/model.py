@@ -76,9 +76,12 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, -1).transpose(1, 2)  # (B, n_head, T, head_dim)
         v = v.view(B, T, self.n_head, -1).transpose(1, 2)  # (B, n_head, T, head_dim)
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(start, k, v)  # (B, n_head, start + T, head_dim)
-            if k.dtype != q.dtype:  # a prompt computed in bfloat16 on a float32 cache
-                k, v = k.to(q.dtype), v.to(q.dtype)
+            cached = self.kv_cache.update(start, k, v)  # (B, n_head, start + T, head_dim)
+            # From slot 0 the cache holds just k and v, exactly where its dtype is theirs or float32.
+            if not (isinstance(start, int) and start == 0 and cached[0].dtype in (k.dtype, torch.float32)):
+                k, v = cached
+                if k.dtype != q.dtype:  # a prompt computed in bfloat16 on a float32 cache
+                    k, v = k.to(q.dtype), v.to(q.dtype)
         # With no explicit mask: causal for a prompt from slot 0, nothing to hide for one new token.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, n_embd)
