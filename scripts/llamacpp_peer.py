@@ -276,11 +276,19 @@ def build_info() -> str:
 
 
 def checkpoint_key(model_dir: Path) -> str:
-    """Changes when the weights or the config change: weight files' names, sizes, mtimes; config's bytes."""
+    """Changes when the weights or the config change: the weight files' names and contents, config's bytes. By
+    content, so that bench.py's checkpoint, saved afresh into a new directory on every run from the same seed,
+    is converted once (about a minute and 0.9 GB of GGUF files), not once per run."""
     weights = sorted([*model_dir.glob("*.safetensors"), *model_dir.glob("*.bin")])
     if not weights:
         raise PeerError(f"no *.safetensors or *.bin checkpoint in {model_dir}")
-    parts = [f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}" for path in weights]
+    parts = []
+    for path in weights:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+        parts.append(f"{path.name}:{digest.hexdigest()}")
     return short_hash(SDIST_VERSION, (model_dir / "config.json").read_text(), *parts)
 
 
@@ -312,9 +320,10 @@ def staged_model(model_dir: Path, staging: Path) -> None:
             (staging / name).symlink_to(vocabulary / source)
 
 
-def convert(source: Path, model_dir: Path, outtype: str, root: Path, log: Log) -> Path:
-    """`model_dir` as GGUF at `outtype`, converted once by the vendored convert_hf_to_gguf.py."""
-    target = root / "gguf" / f"{checkpoint_key(model_dir)}-{outtype}.gguf"
+def convert(source: Path, model_dir: Path, key: str, outtype: str, root: Path, log: Log) -> Path:
+    """`model_dir` (whose checkpoint_key is `key`) as GGUF at `outtype`, converted once by the vendored
+    convert_hf_to_gguf.py."""
+    target = root / "gguf" / f"{key}-{outtype}.gguf"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -400,14 +409,14 @@ def measure(binary: Path, gguf: Path, threads: int) -> dict[str, Stat]:
 
 def prepare(model_dir: Path, outtypes: Sequence[str], log: Log, result: PeerResults) -> tuple[Path, dict[str, Path]]:
     """Source, GGUF files and a build that runs them all (under the cache lock)."""
-    checkpoint_key(model_dir)  # a wrong directory fails here, before any download or build
+    key = checkpoint_key(model_dir)  # a wrong directory fails here, before any download or build
     root = cache_root()
     with locked(root):
         source = fetch_source(root, log)
         ggufs = {}
         for outtype in outtypes:
             try:
-                ggufs[outtype] = convert(source, model_dir, outtype, root, log)
+                ggufs[outtype] = convert(source, model_dir, key, outtype, root, log)
             except PeerError as error:
                 result.notes.append(f"llama.cpp {outtype}: conversion failed: {error}")
         if not ggufs:
