@@ -220,7 +220,7 @@ class GPT2LMHeadModel(nn.Module):
         """
         if idx.size(1) == 1 and idx.device.type == "cpu" and not torch.is_grad_enabled():
             step = NativeStep.of(self)  # a decode step in one call, where it can run so
-            logits = None if step is None else step.run(self._embeddings(idx, start, position_ids), start, key_valid)
+            logits = None if step is None else step.run(idx, start, position_ids, key_valid)
             if logits is not None:
                 return logits  # (B, 1, vocab)
         x = self.hidden_states(idx, start, position_ids, key_valid)
@@ -237,21 +237,17 @@ class GPT2LMHeadModel(nn.Module):
         up, this is how a part of a prompt that needs no logits fills them."""
         B, T = idx.shape
         device = idx.device
-        x = self._embeddings(idx, start, position_ids)  # (B, T, n_embd)
+        if position_ids is None and isinstance(start, Tensor) and start.dim() == 2:
+            position_ids = start  # (B, T): each row's own slots
+        elif position_ids is None:
+            position_ids = (start + torch.arange(T, device=device)).unsqueeze(0)  # (1, T)
+        x = self.transformer.wte(idx) + self.transformer.wpe(position_ids)  # (B, T, n_embd)
         keys = self._kv_caches[0].slots if isinstance(start, Tensor) else start + T
         mask = self._attention_mask(start, T, keys, key_valid, device)
         dtype = self.prompt_dtype if self.prompt_dtype and T > 1 and B * T > DECODE_ROWS else x.dtype
         for block in self.transformer.h:
             x = block(x, start, mask, dtype)
         return x
-
-    def _embeddings(self, idx: Tensor, start: int | Tensor, position_ids: Tensor | None) -> Tensor:
-        """Token plus position embeddings (B, T, n_embd); positions default as forward() says."""
-        if position_ids is None and isinstance(start, Tensor) and start.dim() == 2:
-            position_ids = start  # (B, T): each row's own slots
-        elif position_ids is None:
-            position_ids = (start + torch.arange(idx.size(1), device=idx.device)).unsqueeze(0)  # (1, T)
-        return self.transformer.wte(idx) + self.transformer.wpe(position_ids)
 
     @staticmethod
     def _attention_mask(start: int | Tensor, T: int, keys: int, key_valid: Tensor | None,

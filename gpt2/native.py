@@ -80,9 +80,9 @@ def library(dtype: torch.dtype, flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL |
     getattr(lib, name).argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] \
         + [ctypes.c_int64] * 3 + [ctypes.c_int]
     getattr(lib, name).restype = None
-    lib.decode_step.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] \
-        + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                                          ctypes.c_float, ctypes.c_int]
+    lib.decode_step.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] \
+        + [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5 \
+        + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
     lib.decode_step.restype = ctypes.c_int
     lib.top_k_filter.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int64,
                                  ctypes.c_void_p]

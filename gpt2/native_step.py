@@ -56,6 +56,11 @@ class _Product(ctypes.Structure):
                 ("stream", ctypes.c_int64)]
 
 
+class _Embeddings(ctypes.Structure):
+    _fields_ = [("wte", ctypes.c_void_p), ("wte_bf16", ctypes.c_int64), ("n_tokens", ctypes.c_int64),
+                ("wpe", ctypes.c_void_p), ("n_positions", ctypes.c_int64)]
+
+
 class _Block(ctypes.Structure):
     _fields_ = [("ln_1_weight", ctypes.c_void_p), ("ln_1_bias", ctypes.c_void_p),
                 ("ln_2_weight", ctypes.c_void_p), ("ln_2_bias", ctypes.c_void_p),
@@ -71,7 +76,7 @@ def _parts(model: GPT2LMHeadModel) -> Parts:
     # The head is a module, or None as a plain attribute (a model built here, a GPU one): both places are watched.
     parts: Parts = [(transformer._modules, "h", transformer.h),
                     (model.__dict__, "lm_head", model.__dict__.get("lm_head"))]
-    owners = [(transformer, ("ln_f",)), (model, ("lm_head",))]
+    owners = [(transformer, ("wte", "wpe", "ln_f")), (model, ("lm_head",))]
     for index, block in enumerate(transformer.h):
         parts.append((transformer.h._modules, str(index), block))
         owners += [(block, ("ln_1", "attn", "ln_2", "mlp")), (block.attn, ("c_attn", "c_proj")),
@@ -80,7 +85,7 @@ def _parts(model: GPT2LMHeadModel) -> Parts:
         for name in names:
             module = owner._modules.get(name)
             parts.append((owner._modules, name, module))
-            if isinstance(module, torch.nn.LayerNorm):
+            if isinstance(module, (torch.nn.LayerNorm, torch.nn.Embedding)):
                 parts += [(module._parameters, key, module._parameters.get(key)) for key in ("weight", "bias")]
             elif isinstance(module, Projection):
                 parts += [(module.__dict__, key, module.__dict__[key]) for key in ("stored", "decode")]
@@ -100,6 +105,13 @@ def _layer_norm_fits(layer_norm: torch.nn.LayerNorm) -> bool:
                for parameter in (layer_norm.weight, layer_norm.bias))
 
 
+def _embedding_fits(embedding: object, dtypes: tuple[torch.dtype, ...], width: int) -> bool:
+    """A plain lookup table (no max_norm, which renormalises rows in place) of `width` columns in one of `dtypes`."""
+    return isinstance(embedding, torch.nn.Embedding) and embedding.max_norm is None \
+        and embedding.weight.dtype in dtypes and embedding.weight.is_contiguous() and embedding.weight.dim() == 2 \
+        and embedding.weight.size(1) == width
+
+
 class NativeStep:
     """The table of one model: every block's layer norms and products, ln_f and the LM head as decode_step
     reads them."""
@@ -117,6 +129,10 @@ class NativeStep:
         self._norms = [[getattr(block, norm).weight.detach(), getattr(block, norm).bias.detach()]
                        for block in model.transformer.h for norm in ("ln_1", "ln_2")]
         self._ln_f = [model.transformer.ln_f.weight.detach(), model.transformer.ln_f.bias.detach()]
+        wte, wpe = model.transformer.wte.weight.detach(), model.transformer.wpe.weight.detach()
+        self._tables = [wte, wpe]
+        self._embeddings = _Embeddings(wte.data_ptr(), wte.dtype == torch.bfloat16, wte.size(0), wpe.data_ptr(),
+                                       wpe.size(0))
         for index, (entry, block) in enumerate(zip(self.table, self._products)):
             (entry.ln_1_weight, entry.ln_1_bias), (entry.ln_2_weight, entry.ln_2_bias) = (
                 [tensor.data_ptr() for tensor in norm] for norm in self._norms[2 * index:2 * index + 2])
@@ -139,7 +155,10 @@ class NativeStep:
     @classmethod
     def _build(cls, model: GPT2LMHeadModel) -> NativeStep | None:
         config, products = model.config, []
-        if not model.transformer.h or not _native(model.lm_head) or not _layer_norm_fits(model.transformer.ln_f):
+        transformer, C = model.transformer, config.n_embd
+        if not transformer.h or not _native(model.lm_head) or not _layer_norm_fits(transformer.ln_f) \
+                or not _embedding_fits(transformer.wte, (torch.float32, torch.bfloat16), C) \
+                or not _embedding_fits(transformer.wpe, (torch.float32,), C):
             return None
         for block in model.transformer.h:
             modules = (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)
@@ -147,7 +166,7 @@ class NativeStep:
                 return None
             products.append([_product(m) for m in modules])
         head = _product(model.lm_head)
-        C, inner = config.n_embd, products[0][2].weight.size(0)
+        inner = products[0][2].weight.size(0)
         shapes = [(3 * C, C), (C, C), (inner, C), (C, inner)]
         dtype = head.weight.dtype
         if C % config.n_head or head.weight.size(1) != C or any(
@@ -183,28 +202,38 @@ class NativeStep:
         self._caches, self._cache_memory, self._rows, self._slots = caches, memory, rows, shape[2]
         return True
 
-    def run(self, x: Tensor, start: int | Tensor, key_valid: Tensor | None) -> Tensor | None:
-        """The logits (B, 1, vocab) of x (B, 1, n_embd), the embedded tokens, with forward()'s `start` and
-        `key_valid` (a token per row at its slot); None, with nothing changed, where this step cannot run here."""
-        B, config = x.size(0), self.config
-        if B > DECODE_ROWS or x.dtype != torch.float32 or not x.is_contiguous() or not self._use_caches(B):
+    def run(self, idx: Tensor, start: int | Tensor, position_ids: Tensor | None,
+            key_valid: Tensor | None) -> Tensor | None:
+        """The logits (B, 1, vocab) of the tokens idx (B, 1), with forward()'s other arguments (a token per row at
+        its slot); None, with nothing changed, where this step cannot run here (the torch path then runs it, and
+        raises where a token, position or slot is out of range)."""
+        B = idx.size(0)
+        if B > DECODE_ROWS or idx.dtype != torch.int64 or not self._use_caches(B):
             return None
-        slots = self._slots
-        if isinstance(start, Tensor) and (start.dtype != torch.int64 or start.numel() not in (1, B)):
+        slot, first = None, start
+        if isinstance(start, Tensor):
+            if start.dtype != torch.int64 or start.numel() not in (1, B):
+                return None
+            slot, first = start.reshape(-1).expand(B).contiguous(), 0
+        elif not 0 <= start < self._slots:
             return None
-        slot = torch.full((B,), start) if isinstance(start, int) else start.reshape(-1).expand(B).contiguous()
-        if int(slot.min()) < 0 or int(slot.max()) >= slots:
-            return None
+        if position_ids is not None:
+            if position_ids.dtype != torch.int64 or position_ids.numel() != B:
+                return None
+            position_ids = position_ids.reshape(-1).contiguous()
         if key_valid is not None and (key_valid.dtype != torch.bool or key_valid.dim() != 2
-                                      or key_valid.size(0) != B or key_valid.size(1) <= int(slot.max())
-                                      or key_valid.stride(1) != 1):
+                                      or key_valid.size(0) != B or key_valid.stride(1) != 1):
             return None
+        idx, config = idx.contiguous(), self.config
         logits = torch.empty(B, 1, self.n_vocab)
         failed = self.lib.decode_step(
-            self.table, len(self.table), self._ln_f[0].data_ptr(), self._ln_f[1].data_ptr(),
-            ctypes.byref(self._head_struct), self.n_vocab, x.data_ptr(), logits.data_ptr(), B, config.n_embd,
-            self.inner, config.n_head, slots, slot.data_ptr(), None if key_valid is None else key_valid.data_ptr(),
-            0 if key_valid is None else key_valid.stride(0), config.layer_norm_epsilon, torch.get_num_threads())
+            self.table, len(self.table), ctypes.byref(self._embeddings), self._ln_f[0].data_ptr(),
+            self._ln_f[1].data_ptr(), ctypes.byref(self._head_struct), self.n_vocab, idx.data_ptr(),
+            None if slot is None else slot.data_ptr(), first,
+            None if position_ids is None else position_ids.data_ptr(), logits.data_ptr(), B, config.n_embd,
+            self.inner, config.n_head, self._slots, None if key_valid is None else key_valid.data_ptr(),
+            0 if key_valid is None else key_valid.stride(0), 0 if key_valid is None else key_valid.size(1),
+            config.layer_norm_epsilon, torch.get_num_threads())
         return None if failed else logits
 
 

@@ -307,25 +307,50 @@ static void attention(const struct step *s, const float *qkv, float *kc, float *
     }
 }
 
-/* x (M, C), the residual stream of one token per row, through every block, then the final layer norm and the
-   LM head (N_vocab, C) into logits (M, N_vocab): the blocks' KV caches get the token's keys and values at
-   slot[m]. The row attends to the slots valid[m * valid_stride + slot] marks up to its own (valid NULL: every
-   one), and always to its own. Returns 0, or -1 where memory runs out (nothing written). */
-int decode_step(const struct block *blocks, int64_t n_layer, const float *ln_f_weight, const float *ln_f_bias,
-                const struct product *head, int64_t n_vocab, float *x, float *logits, int64_t M, int64_t C,
-                int64_t inner, int64_t n_head, int64_t slots, const int64_t *slot, const uint8_t *valid,
-                int64_t valid_stride, float eps, int threads) {
-    float *h = malloc(M * C * sizeof(float)), *qkv = malloc(M * 3 * C * sizeof(float)),
-          *f = malloc(M * inner * sizeof(float)), *scores = malloc(M * n_head * slots * sizeof(float));
+/* The tables a step's input comes from: x[m] = wte[idx[m]] + wpe[position[m]], a bfloat16 token row widened to
+   float32 as torch adds it to a float32 position row. */
+struct embeddings {
+    const void *wte; /* (n_tokens, C), float32 or bfloat16 (wte_bf16) */
+    int64_t wte_bf16, n_tokens;
+    const float *wpe; /* (n_positions, C) */
+    int64_t n_positions;
+};
+
+/* The tokens idx (M,) at their slots (slot[m], or first_slot for every row where slot is NULL) and positions
+   (position[m], or the slot where position is NULL), embedded, through every block, then the final layer norm
+   and the LM head (N_vocab, C) into logits (M, N_vocab): the blocks' KV caches get each token's keys and values
+   at its slot. A row attends to the slots valid[m * valid_stride + slot] marks up to its own (valid NULL: every
+   one), and always to its own. Returns 0; -1 where memory runs out, -2 where a token, position or slot is out of
+   range (nothing written either way: the caller's torch path says what is wrong). */
+int decode_step(const struct block *blocks, int64_t n_layer, const struct embeddings *e, const float *ln_f_weight,
+                const float *ln_f_bias, const struct product *head, int64_t n_vocab, const int64_t *idx,
+                const int64_t *slot, int64_t first_slot, const int64_t *position, float *logits, int64_t M, int64_t C,
+                int64_t inner, int64_t n_head, int64_t slots, const uint8_t *valid, int64_t valid_stride,
+                int64_t valid_width, float eps, int threads) {
+    float *x = malloc(M * C * sizeof(float)), *h = malloc(M * C * sizeof(float)),
+          *qkv = malloc(M * 3 * C * sizeof(float)), *f = malloc(M * inner * sizeof(float)),
+          *scores = malloc(M * n_head * slots * sizeof(float));
+    int64_t *at = malloc(M * sizeof(int64_t));
     int32_t *keys = malloc(M * slots * sizeof(int32_t)), *n_keys = malloc(M * sizeof(int32_t));
-    int status = h && qkv && f && scores && keys && n_keys ? 0 : -1;
+    int status = x && h && qkv && f && scores && at && keys && n_keys ? 0 : -1;
+    for (int64_t m = 0; m < M && status == 0; m++) {
+        at[m] = slot ? slot[m] : first_slot;
+        int64_t p = position ? position[m] : at[m];
+        if (idx[m] < 0 || idx[m] >= e->n_tokens || p < 0 || p >= e->n_positions || at[m] < 0 || at[m] >= slots
+            || (valid && at[m] >= valid_width))
+            status = -2;
+    }
     if (status == 0) {
         for (int64_t m = 0; m < M; m++) {
+            const float *wpe = e->wpe + (position ? position[m] : at[m]) * C;
+            for (int64_t c = 0; c < C; c++)
+                x[m * C + c] = (e->wte_bf16 ? bf16(((const uint16_t *)e->wte)[idx[m] * C + c])
+                                            : ((const float *)e->wte)[idx[m] * C + c]) + wpe[c];
             n_keys[m] = 0;
-            for (int64_t key = 0; key <= slot[m]; key++)
-                if (!valid || valid[m * valid_stride + key] || key == slot[m]) keys[m * slots + n_keys[m]++] = key;
+            for (int64_t key = 0; key <= at[m]; key++)
+                if (!valid || valid[m * valid_stride + key] || key == at[m]) keys[m * slots + n_keys[m]++] = key;
         }
-        struct step s = {M, C, n_head, slots, eps, slot, keys, n_keys};
+        struct step s = {M, C, n_head, slots, eps, at, keys, n_keys};
 #pragma omp parallel num_threads(threads)
         {
             for (int64_t l = 0; l < n_layer; l++) {
@@ -343,7 +368,7 @@ int decode_step(const struct block *blocks, int64_t n_layer, const float *ln_f_w
             product(head, h, logits, M, C, n_vocab, 0);
         }
     }
-    free(h), free(qkv), free(f), free(scores), free(keys), free(n_keys);
+    free(x), free(h), free(qkv), free(f), free(scores), free(at), free(keys), free(n_keys);
     return status;
 }
 

@@ -289,12 +289,20 @@ def test_a_product_on_another_kernel_takes_the_torch_path(builds, blocks_dir, mo
     assert not called
 
 
-def test_a_replaced_parameter_is_read_at_the_next_step(builds, blocks_dir, monkeypatch):
-    """The table is built again when a layer norm's parameter is replaced: the step reads the new one."""
+@pytest.mark.parametrize("replaced", ["ln_2.weight", "wpe.weight", "wte"])
+def test_a_replaced_parameter_is_read_at_the_next_step(builds, blocks_dir, monkeypatch, replaced):
+    """The table is built again when a layer norm's parameter, the position table or the token embedding module
+    is replaced: the step reads the new one."""
     lib = _compiled(builds, torch.float32)
     model = on_native(load_model(blocks_dir), "float32", lib)
     first = NativeStep.of(model)
-    model.transformer.h[0].ln_2.weight = torch.nn.Parameter(torch.linspace(-2, 2, 64), requires_grad=False)
+    gen = torch.Generator().manual_seed(2)
+    if replaced == "ln_2.weight":
+        model.transformer.h[0].ln_2.weight = torch.nn.Parameter(torch.linspace(-2, 2, 64), requires_grad=False)
+    elif replaced == "wpe.weight":
+        model.transformer.wpe.weight = torch.nn.Parameter(torch.randn(128, 64, generator=gen), requires_grad=False)
+    else:  # the lookups' table only: the head keeps its own form
+        model.transformer.wte = torch.nn.Embedding(1000, 64, _weight=torch.randn(1000, 64, generator=gen))
     assert NativeStep.of(model) is not first
 
     def step() -> torch.Tensor:
@@ -309,18 +317,47 @@ def test_a_replaced_parameter_is_read_at_the_next_step(builds, blocks_dir, monke
     assert (fused - reference).abs().max() <= 1e-5 * reference.abs().max()
 
 
-def test_a_forward_hook_on_a_block_sees_its_call(builds, blocks_dir):
-    """Where a block's module has a forward hook, the step takes the torch path, so the hook runs."""
+@pytest.mark.parametrize("hooked", ["mlp", "wte"])
+def test_a_forward_hook_on_a_block_sees_its_call(builds, blocks_dir, hooked):
+    """Where a block's module or an embedding the step looks up has a forward hook, the step takes the torch
+    path, so the hook runs."""
     lib = _compiled(builds, torch.float32)
     model = on_native(load_model(blocks_dir), "float32", lib)
     seen = []
-    hook = model.transformer.h[1].mlp.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    module = model.transformer.h[1].mlp if hooked == "mlp" else model.transformer.wte
+    hook = module.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     try:
         list(generate(model, [[1, 2, 3]], 3))
     finally:
         hook.remove()
     assert seen == [(1, 3, 64), (1, 1, 64), (1, 1, 64)]
     assert NativeStep.of(model) is not None
+
+
+@pytest.mark.parametrize("wrong", ["token", "position", "slot"])
+def test_an_index_out_of_range_raises_as_on_the_torch_path(builds, blocks_dir, monkeypatch, wrong):
+    """A token id past the vocabulary, a position past the window or a slot past the caches: the step declines
+    (nothing written) and the torch path raises its own error."""
+    lib = _compiled(builds, torch.float32)
+    model = on_native(load_model(blocks_dir), "float32", lib)
+    ran = []
+    run = NativeStep.run
+    monkeypatch.setattr(NativeStep, "run", lambda *args: ran.append(run(*args)) or ran[-1])
+    with torch.inference_mode():
+        model.setup_caches(1, 16)
+        token = torch.tensor([[1000 if wrong == "token" else 7]])
+        slot = torch.tensor([[model.kv_caches()[0].slots if wrong == "slot" else 3]])
+        position = torch.tensor([[128 if wrong == "position" else 3]])
+        before = [(cache.k.clone(), cache.v.clone()) for cache in model.kv_caches()]
+        with pytest.raises((IndexError, RuntimeError)) as fused:
+            model(token, slot, position)
+        assert ran == [None]
+        assert all(torch.equal(k, cache.k) and torch.equal(v, cache.v)
+                   for (k, v), cache in zip(before, model.kv_caches()))
+        torch_path(monkeypatch)
+        with pytest.raises(type(fused.value)) as reference:
+            model(token, slot, position)
+    assert str(fused.value) == str(reference.value)
 
 
 def test_a_model_built_here_steps_on_the_torch_path():
