@@ -91,7 +91,8 @@ def test_a_changed_checkpoint_is_checked_and_read_again(tmp_path):
     os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns + 2_000_000))
     reloaded = load_model(tmp_path / "model")
     assert torch.equal(reloaded.transformer.wte.weight, tiny_legacy_state(seed=1)["wte.weight"])
-    assert torch.equal(logits(reloaded), logits(load_model(tmp_path / "model", kernels="default")))
+    fresh = logits(load_model(tmp_path / "model", kernels="default"))  # F.linear: float32 sums in another order
+    assert (logits(reloaded) - fresh).abs().max() <= 1e-5 * fresh.abs().max()
 
 
 def test_a_corrupt_prepared_file_is_ignored_and_rewritten(tmp_path, monkeypatch):
