@@ -89,7 +89,11 @@ def library(dtype: torch.dtype, flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL |
     lib.draw_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                               ctypes.c_void_p]
     lib.top_k_filter.restype = lib.draw_rows.restype = ctypes.c_int
+    _LOADED.append(lib)
     return lib
+
+
+_LOADED: list[ctypes.CDLL] = []  # the builds library() loaded in this process, for draw_library
 
 
 def available(dtype: torch.dtype) -> bool:
@@ -98,9 +102,10 @@ def available(dtype: torch.dtype) -> bool:
 
 
 def draw_library() -> ctypes.CDLL | None:
-    """The build whose `top_k_filter` and `draw_rows` gpt2.sample's draw uses (they are in every build: the
-    float32 one's), or None where there is none."""
-    return library(torch.float32)
+    """A build this process has loaded (every build holds the draw's `top_k_filter` and `draw_rows`), or None.
+    The draw never compiles one itself: a model whose kernels were chosen (load_model) has loaded one where it
+    builds, and `kernels="default"` compiles nothing."""
+    return _LOADED[0] if _LOADED else None
 
 
 def top_k_filter(logits: Tensor, temperature: float, k: int, lib: ctypes.CDLL) -> Tensor | None:

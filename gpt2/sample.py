@@ -108,30 +108,33 @@ def draw_one(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
     from the same generator state.
     """
     drawn = None
-    if (probs.device.type == "cpu" and probs.dtype == torch.float32 and probs.dim() == 2 and probs.is_contiguous()
-            and draw_one_matches_torch()):
-        drawn = _draw(probs, generator)
+    if probs.device.type == "cpu" and probs.dtype == torch.float32 and probs.dim() == 2 and probs.is_contiguous():
+        lib = draw_library()
+        if draw_one_matches_torch(lib is not None):
+            drawn = _draw(probs, generator, lib)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1) if drawn is None else drawn
 
 
-def _draw(probs: Tensor, generator: torch.Generator | None) -> Tensor | None:
+def _draw(probs: Tensor, generator: torch.Generator | None, lib: ctypes.CDLL | None) -> Tensor | None:
     """draw_one's own draw, or None (the generator untouched) where torch.multinomial must draw instead: the
-    compiled one (gpt2.native.draw_rows, in one pass) where it builds, else _draw_at_nonzero_entries."""
-    lib = _draw_library(probs)
+    compiled one (gpt2.native.draw_rows, in one pass) with a build, else _draw_at_nonzero_entries."""
     if lib is None:
         return _draw_at_nonzero_entries(probs, generator)
     return draw_rows(probs, torch.default_generator if generator is None else generator, lib)
 
 
 @functools.cache
-def draw_one_matches_torch() -> bool:
-    """Whether _draw draws what this torch's multinomial draws: a few top-k draws on a generator of its own (no
-    global state is touched), once per process."""
+def draw_one_matches_torch(compiled: bool = False) -> bool:
+    """Whether _draw (`compiled`: with a build of gpt2.native) draws what this torch's multinomial draws: a few
+    top-k draws on a generator of its own (no global state is touched), once per process."""
+    lib = draw_library() if compiled else None
+    if compiled and lib is None:
+        return False
     logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(1))
     probs = F.softmax(top_k_logits(logits, 40), dim=-1)
     ours, theirs = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
     for _ in range(4):
-        drawn = _draw(probs, ours)
+        drawn = _draw(probs, ours, lib)
         if drawn is None or not torch.equal(drawn, torch.multinomial(probs, 1, generator=theirs).squeeze(1)):
             return False
     return torch.equal(ours.get_state(), theirs.get_state())

@@ -148,10 +148,12 @@ def test_without_a_working_compiler_there_is_no_native_candidate(fresh, tmp_path
 
 
 def test_kernel_mode_default_builds_nothing(fresh, tmp_path, tiny_dir, monkeypatch):
-    """Mode "default" touches no file: it neither builds nor offers the compiled kernel."""
+    """Mode "default" touches no file: it neither builds nor offers the compiled kernel, and sampling (whose draw
+    uses a build only where one is loaded already) builds none either."""
     called = []
     monkeypatch.setattr(gpt2.native, "library", lambda *args: called.append(args))
     model = load_model(tiny_dir, dtype=torch.bfloat16, kernels="default")
+    list(generate(model, [[1, 2, 3]], 4, top_k=40))
     assert not called and not any("native" in decode for decode, _ in model.kernel_choices().values())
     assert not (tmp_path / "cache").exists()
 

@@ -22,7 +22,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 import gpt2.sample
 from gpt2.checkpoint import load_model
 from gpt2.model import GPT2LMHeadModel
-from gpt2.native import draw_library, draw_rows, top_k_filter
+from gpt2.native import draw_library, draw_rows, library, top_k_filter
 from gpt2.sample import DRAW_MAX_CANDIDATES, draw_one, generate, next_token, sample_sequence, top_k_logits, top_p_logits
 
 EOT = 50256
@@ -266,11 +266,16 @@ def test_prompt_plus_new_tokens_beyond_the_window_is_a_value_error(pair, lengths
         sample_sequence(ours, budget, context=prompts[-1], batch_size=len(lengths))
 
 
+def compiled_draw():
+    """The build the draw uses, once one is loaded (as load_model loads one)."""
+    return (library(torch.float32) and draw_library()) or pytest.skip("no C compiler or OpenMP here")
+
+
 @pytest.fixture(params=["compiled", "python"])
 def draw_path(request, monkeypatch) -> str:
     """The draw of the C build (gpt2.native) and the one without it (random_ and Python)."""
     if request.param == "compiled":
-        assert draw_library() is not None or pytest.skip("no C compiler or OpenMP here")
+        compiled_draw()
     else:
         monkeypatch.setattr(gpt2.sample, "draw_library", lambda: None)
     gpt2.sample.draw_one_matches_torch.cache_clear()
@@ -288,20 +293,20 @@ def test_draw_one_falls_back_to_torch_where_they_differ(monkeypatch, draw_path):
         return multinomial(probs, num_samples, generator=generator)
 
     monkeypatch.setattr(torch, "multinomial", other_sampler)
-    assert not gpt2.sample.draw_one_matches_torch()
+    assert not gpt2.sample.draw_one_matches_torch(draw_path == "compiled")
     probs = F.softmax(top_k_logits(torch.randn(4, 5000, generator=torch.Generator().manual_seed(3)), 40), -1)
     for seed in range(5):
         ours = draw_one(probs, torch.Generator().manual_seed(seed))
         assert torch.equal(ours, other_sampler(probs, 1, generator=torch.Generator().manual_seed(seed))[:, 0])
     monkeypatch.setattr(torch, "multinomial", multinomial)  # this torch's sampler again: the check agrees
     gpt2.sample.draw_one_matches_torch.cache_clear()
-    assert gpt2.sample.draw_one_matches_torch()
+    assert gpt2.sample.draw_one_matches_torch(draw_path == "compiled")
 
 
 def test_the_compiled_filter_equals_top_k_logits_of_the_scaled_logits():
     """top_k_filter is top_k_logits(logits / t, k) bit for bit: ties at the k-th value, -inf entries, k of 0,
     1, V and beyond, a row of one entry, rows of a batch cut apart; None where a row's largest is not finite."""
-    lib = draw_library() or pytest.skip("no C compiler or OpenMP here")
+    lib = compiled_draw()
     for seed in range(60):
         gen = torch.Generator().manual_seed(seed)
         rows, width = 1 + seed % 3, (VOCAB, 1000, 17, 1, 64)[seed % 5]
@@ -329,7 +334,7 @@ def test_the_compiled_filter_equals_top_k_logits_of_the_scaled_logits():
 def test_the_compiled_draw_leaves_a_state_with_a_zero_word_to_torch():
     """A zero word of the generator (u could be 0) makes the compiled draw give way, the state untouched;
     draw_one then draws torch's token from it."""
-    lib = draw_library() or pytest.skip("no C compiler or OpenMP here")
+    lib = compiled_draw()
     probs = F.softmax(top_k_logits(torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(4)), 40), -1)
     generator = torch.Generator().manual_seed(5)
     torch.rand(3, generator=generator)
