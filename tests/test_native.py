@@ -17,10 +17,10 @@ from gpt2.checkpoint import load_model
 from gpt2.config import GPT2Config
 from gpt2.kernels import Projection, kernels_for
 from gpt2.model import GPT2LMHeadModel
-from gpt2.native import FLAGS, FUNCTIONS, NATIVE_RUNS, library, native_run, rows_product
+from gpt2.native import FLAGS, FUNCTIONS, NATIVE_RUNS, draw_rows, library, native_run, rows_product, top_k_filter
 from gpt2.native_step import NativeStep
 from gpt2.quantize import quantize_rows
-from gpt2.sample import _prefill, generate
+from gpt2.sample import _prefill, generate, top_k_logits
 
 # -mno-avx512f: the AVX2 build (8-float vectors, its own tile shapes), which this CPU runs too.
 BUILDS = {"native": FLAGS, "avx2": (*FLAGS, "-mno-avx512f")}
@@ -97,6 +97,24 @@ def test_streamed_products_equal_float64_ones(builds, build, dtype, rows, out_fe
         exact = exact + x[:, outliers].double() @ columns.double().T
     y = rows_product(x, weight, b, scales, outliers, columns, stream=True, lib=lib)
     assert (y.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_the_draw_of_each_build_is_torchs(builds, build):
+    """The draw's two functions in the AVX-512 and the AVX2 build (vectors of 16 and 8 floats): the filter equals
+    top_k_logits of the scaled logits, the token and the generator's state torch.multinomial's."""
+    lib = _compiled(builds, torch.float32, build)
+    for seed in range(12):
+        gen = torch.Generator().manual_seed(seed)
+        logits = torch.randn(1 + seed % 3, (50257, 1003, 7)[seed % 3], generator=gen) * (1 + seed % 4)
+        k = (40, 1, 0, 300)[seed % 4]
+        filtered = top_k_filter(logits, 0.7, k, lib)
+        assert torch.equal(filtered, top_k_logits(logits / 0.7, k))
+        probs = torch.softmax(filtered, dim=-1)
+        ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        torch.rand(seed * 97, generator=ours), torch.rand(seed * 97, generator=theirs)
+        assert torch.equal(draw_rows(probs, ours, lib), torch.multinomial(probs, 1, generator=theirs).squeeze(1))
+        assert torch.equal(ours.get_state(), theirs.get_state())
 
 
 def test_products_do_not_depend_on_the_thread_count(builds):
