@@ -20,6 +20,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,14 +122,23 @@ def top_k_filter(logits: Tensor, temperature: float, k: int, lib: ctypes.CDLL) -
 
 def draw_rows(probs: Tensor, generator: torch.Generator, lib: ctypes.CDLL) -> Tensor | None:
     """torch.multinomial(probs, 1).squeeze(1) for contiguous float32 probs (B, V), `generator` (a CPU one) left in
-    the state torch's draw leaves it in; None, the generator untouched, where torch must draw instead."""
-    state = generator.get_state()  # a copy, which the draw advances
+    the state torch's draw leaves it in; None, the generator untouched, where torch must draw instead.
+
+    torch's own draw advances the generator under its lock; this one reads the state, draws, and sets it. So that
+    threads sharing a generator never draw the same numbers, these draws take turns, and one whose generator was
+    advanced by another thread meanwhile (a torch op) gives way to torch's draw."""
     tokens = torch.empty(probs.size(0), dtype=torch.int64)
-    if lib.draw_rows(probs.data_ptr(), probs.size(0), probs.size(1), state.data_ptr(), state.numel(),
-                     tokens.data_ptr()):
-        return None
-    generator.set_state(state)
+    with _DRAW_LOCK:
+        before = generator.get_state()
+        state = before.clone()  # the copy the draw advances
+        if lib.draw_rows(probs.data_ptr(), probs.size(0), probs.size(1), state.data_ptr(), state.numel(),
+                         tokens.data_ptr()) or not torch.equal(generator.get_state(), before):
+            return None
+        generator.set_state(state)
     return tokens
+
+
+_DRAW_LOCK = threading.Lock()
 
 
 def rows_product(x: Tensor, weight: Tensor, bias: Tensor | None = None, scales: Tensor | None = None,

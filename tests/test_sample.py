@@ -331,6 +331,24 @@ def test_the_compiled_filter_equals_top_k_logits_of_the_scaled_logits():
     assert top_k_filter(torch.full((1, 9), 1e38), 1e-3, 4, lib) is None  # overflows to inf
 
 
+def test_a_compiled_draw_whose_generator_moves_meanwhile_gives_way():
+    """Another thread's torch op on the same generator while the compiled draw runs: the draw gives way and
+    leaves the generator as that op left it (its numbers are never drawn twice)."""
+    lib = compiled_draw()
+    probs = F.softmax(top_k_logits(torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(8)), 40), -1)
+    generator = torch.Generator().manual_seed(6)
+
+    class Meanwhile:  # the build, with a torch op on the generator while it draws
+        def draw_rows(self, *args):
+            torch.rand(1, generator=generator)
+            return lib.draw_rows(*args)
+
+    moved = torch.Generator().manual_seed(6)
+    torch.rand(1, generator=moved)
+    assert draw_rows(probs, generator, Meanwhile()) is None
+    assert torch.equal(generator.get_state(), moved.get_state())
+
+
 def test_the_compiled_draw_leaves_a_state_with_a_zero_word_to_torch():
     """A zero word of the generator (u could be 0) makes the compiled draw give way, the state untouched;
     draw_one then draws torch's token from it."""
