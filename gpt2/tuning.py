@@ -67,8 +67,9 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2, "int8": 3e-2}
 SCREEN = 2.0  # a kernel this many times slower than the fastest (after a pass, or at one row) is not timed further
 LOAD_STEPS = 512  # decode steps a load is spread over in the ranking: the CLI's default --length
 REBUILT_MARGIN = 0.25  # how much faster a form built on every load (packed) must be: see step_cost
-# A product's native kernel is taken where it costs at most this many times the fastest (Choice.for_the_step): with
-# every block product and the LM head native, a decode step runs in one call, a fifth faster at batch 1.
+# The products take their native kernels where those cost a decode step at most this many times the fastest ones
+# (step_in_one_call): with every block product and the LM head native, a step runs in one call, a fifth faster at
+# batch 1.
 STEP_NATIVE_MARGIN = 1.2
 RANKING = 13  # how rankings are measured, and of which candidates: part of the cache key, so a change measures again
 
@@ -106,15 +107,34 @@ class Choice:
             return None
         return Choice(tuple(map(str, entry["decode"])), {str(k): str(v) for k, v in entry["prefill"].items()}, cost)
 
-    def for_the_step(self, kernels: list[Kernel]) -> Choice:
-        """The ranking a model's product takes: the native kernel first where it costs at most STEP_NATIVE_MARGIN
-        times the fastest, since a decode step whose products are all native runs in one call
-        (gpt2.native_step), which saves more than that."""
-        native = [name for name in self.decode if any(k.name == name and k.run in NATIVE_RUNS for k in kernels)]
-        if not native or native[0] == self.decode[0] \
-                or self.cost.get(native[0], math.inf) > STEP_NATIVE_MARGIN * self.cost.get(self.decode[0], 0.0):
+    def native_first(self, kernels: list[Kernel]) -> Choice:
+        """This ranking with its fastest native kernel (among `kernels`) first; itself where it has none."""
+        native = self._natives(kernels)
+        if not native or native[0] == self.decode[0]:
             return self
         return dataclasses.replace(self, decode=(native[0], *(name for name in self.decode if name != native[0])))
+
+    def step_costs(self, kernels: list[Kernel]) -> tuple[float, float]:
+        """What this product costs a decode step on its fastest kernel and on its fastest native one (inf where
+        there is none, or no cost was measured)."""
+        native = self._natives(kernels)
+        return self.cost.get(self.decode[0], math.inf), self.cost.get(native[0], math.inf) if native else math.inf
+
+    def _natives(self, kernels: list[Kernel]) -> list[str]:
+        return [name for name in self.decode if any(k.name == name and k.run in NATIVE_RUNS for k in kernels)]
+
+
+def step_in_one_call(products: Iterable[tuple[Choice, list[Kernel]]]) -> bool:
+    """Whether a model's products (each one's ranking and candidates, once per product) all take their native
+    kernels: where those cost a decode step at most STEP_NATIVE_MARGIN times what each product's fastest costs,
+    since a step whose products are all native runs in one call (gpt2.native_step), which saves more than that.
+    The whole step is weighed, not each product: one shape a little slower on the native kernel (a timing on a
+    noisy machine) would otherwise keep every step off the call."""
+    best = native = 0.0
+    for choice, kernels in products:
+        fastest, on_native = choice.step_costs(kernels)
+        best, native = best + fastest, native + on_native
+    return math.isfinite(native) and native <= STEP_NATIVE_MARGIN * best
 
 
 def kernels_mode(mode: str | None) -> str:
@@ -449,14 +469,17 @@ def use_cpu_kernels(model: nn.Module, precision: str, mode: str | None = None,
         if settled is None:
             calibration = calibrate(model)
     inputs = calibration.inputs if calibration else {}
+    native = step_in_one_call([*((choices[layout_of(weight)], kernels) for weight in weights[:-1]),
+                               (choices[layout_of(wte)], head_kernels(precision, kernels))])
 
     def give(name: str, weight: Tensor, bias: Tensor | None, kernels: list[Kernel], inputs: Tensor | None,
              tied: bool = False) -> Projection:
         if settled is not None:  # an earlier load's int8 outcome under the same settings
             kernels = [kernel for kernel in kernels if kernel.form.name == settled[name]]
         kept = functools.partial(prepared.form, name, weight=weight, bias=bias) if prepared else None
-        new = projection(weight, bias, choices[layout_of(weight)].for_the_step(kernels), kernels, dtype, inputs, tied,
-                         kept)
+        choice = choices[layout_of(weight)]
+        new = projection(weight, bias, choice.native_first(kernels) if native else choice, kernels, dtype, inputs,
+                         tied, kept)
         if prepared:
             prepared.keep_form(name, new, weight, bias)
         return new

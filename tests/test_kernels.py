@@ -34,6 +34,7 @@ from gpt2.tuning import (
     default_choice,
     kernels_mode,
     measure,
+    step_in_one_call,
 )
 
 SHAPE = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=64)
@@ -269,17 +270,21 @@ def test_a_corrupt_cache_file_is_ignored_and_rewritten(fake_kernels, clock, empt
     assert not [p for p in empty_cache.iterdir() if p.name.startswith(".kernels-")]  # no temporary left
 
 
-def test_block_products_take_the_native_kernel_within_its_margin(clock):
-    """A block product's ranking puts the native kernel first where it costs at most STEP_NATIVE_MARGIN times
-    the fastest (its step then runs in one call), and keeps the measured order beyond that or without costs."""
+def test_the_products_take_the_native_kernels_where_the_whole_step_is_within_the_margin(clock):
+    """Every product's ranking puts its native kernel first where, over the whole step (each product once), the
+    native kernels cost at most STEP_NATIVE_MARGIN times the fastest ones: one shape beyond the margin alone does
+    not keep the others off. Beyond it over the step, without costs, or with a product that has no native kernel:
+    the measured rankings."""
     native = Kernel("native", DENSE, native_run, prefills=False)
     kernels = [fake_kernel(clock, "a", costs(1, 1, 1)), native]
-    near = Choice(("a", "native"), {DENSE.name: "a"}, {"a": 1.0, "native": STEP_NATIVE_MARGIN * 0.99})
-    far = dataclasses.replace(near, cost={"a": 1.0, "native": STEP_NATIVE_MARGIN * 1.01})
-    assert near.for_the_step(kernels).decode == ("native", "a")
-    assert far.for_the_step(kernels) == far
-    assert dataclasses.replace(near, cost={}).for_the_step(kernels).decode == ("a", "native")
-    assert near.for_the_step([kernels[0], dataclasses.replace(native, run=kernels[0].run)]) == near
+    near = Choice(("a", "native"), {DENSE.name: "a"}, {"a": 1.0, "native": STEP_NATIVE_MARGIN - 0.1})
+    far = dataclasses.replace(near, cost={"a": 1.0, "native": STEP_NATIVE_MARGIN + 0.2})
+    assert near.native_first(kernels).decode == ("native", "a") and far.native_first(kernels).decode == ("native", "a")
+    assert step_in_one_call([(near, kernels)] * 3 + [(far, kernels)])  # 4 margin - 0.1 against 4
+    assert not step_in_one_call([(near, kernels)] + [(far, kernels)] * 3)  # 4 margin + 0.5 against 4
+    assert not step_in_one_call([(near, kernels), (dataclasses.replace(near, cost={}), kernels)])
+    assert not step_in_one_call([(near, kernels), (near, kernels[:1])])
+    assert near.native_first(kernels[:1]) == near
     assert Choice.from_json(json.loads(json.dumps(near.to_json()))) == near
 
 

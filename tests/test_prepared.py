@@ -143,7 +143,7 @@ def test_a_second_int8_load_maps_the_forms_the_first_settled_on(tmp_path, monkey
         cache = json.loads((kernel_cache / "kernels.json").read_text())
         for entry in cache.values():
             entry["decode"].sort(key=lambda name: "dynamic" not in name)
-            entry.pop("cost")  # without its costs the ranking's first stays first (Choice.for_the_step)
+            entry.pop("cost")  # without its costs the ranking's first stays first (step_in_one_call)
         (kernel_cache / "kernels.json").write_text(json.dumps(cache))
     first = load_model(tmp_path / "model", dtype=torch.bfloat16, int8=True)
     dynamic = {name for name, (decode, _) in first.kernel_choices().items() if "dynamic" in decode}
@@ -216,7 +216,7 @@ def test_a_form_the_ranking_no_longer_picks_is_built_from_the_checkpoint(tmp_pat
     for key, entry in cache.items():
         if f"| {precision} |" in key:
             entry["decode"] = [forced] + [name for name in entry["decode"] if name != forced]
-            entry.pop("cost")  # without its costs the ranking's first stays first (Choice.for_the_step)
+            entry.pop("cost")  # without its costs the ranking's first stays first (step_in_one_call)
     (kernel_cache / "kernels.json").write_text(json.dumps(cache))
 
     model = load_model(tmp_path / "model", dtype=dtype)
@@ -242,7 +242,7 @@ def test_a_packed_form_is_built_again_from_the_cast_weight_kept(tmp_path, monkey
     cache = json.loads((kernel_cache / "kernels.json").read_text())
     for entry in cache.values():
         entry["decode"] = [packed] + [name for name in entry["decode"] if name != packed]
-        entry.pop("cost")  # without its costs the ranking's first stays first (Choice.for_the_step)
+        entry.pop("cost")  # without its costs the ranking's first stays first (step_in_one_call)
     (kernel_cache / "kernels.json").write_text(json.dumps(cache))
 
     first = load_model(tmp_path / "model", dtype=torch.bfloat16)
