@@ -528,8 +528,9 @@ def _torch_multinomial(probs: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("batch", [1, 3, 8])
 @pytest.mark.parametrize("k", [1, 2, 40, 300])
 def test_draw_one_equals_torch_multinomial_and_leaves_the_generator_alike(batch, k, draw_path):
-    """Same token per row and the same generator state after, over many seeds, scales and cut-offs."""
-    for seed in range(40):
+    """Same token per row and the same generator state after, over many seeds, scales and cut-offs (fewer for the
+    fallback without a build)."""
+    for seed in range(40 if draw_path == "compiled" else 10):
         logits = torch.randn(batch, VOCAB, generator=torch.Generator().manual_seed(seed)) * (0.3 + seed % 5 * 3)
         probs = F.softmax(top_k_logits(logits / 0.7, k), dim=-1)
         expected, expected_state = _multinomial_and_state(probs, seed, _torch_multinomial)
