@@ -416,10 +416,30 @@ def _run(args: argparse.Namespace, prog: str, lines: PromptLines | None) -> int:
     return 0
 
 
+# argparse drops an option's value of exactly "--" (`--stop=--` parses as an empty list): such a value goes through
+# it as this stand-in, put back after.
+_DASHES = "\x00--"
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parser.parse_args(argv), keeping `--option=--` values."""
+    marked = []
+    for arg in sys.argv[1:] if argv is None else argv:
+        name, equals, value = arg.partition("=")
+        marked.append(f"{name}={_DASHES}" if arg.startswith("--") and equals and value == "--" else arg)
+    args = parser.parse_args(marked)
+    for name, value in vars(args).items():
+        if value == _DASHES:
+            setattr(args, name, "--")
+        elif isinstance(value, list):
+            setattr(args, name, ["--" if item == _DASHES else item for item in value])
+    return args
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Run the command line on argv (default sys.argv[1:]); returns the exit status."""
     parser = build_parser(prog)
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     try:
         return run(args, parser.prog)
     except UsageError as exc:

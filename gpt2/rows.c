@@ -15,7 +15,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__x86_64__) && defined(ROWS_I8)
+#if defined(__x86_64__) && (defined(ROWS_I8) || defined(__AVX512F__) || defined(__FMA__))
 #include <immintrin.h> /* a sixth of a second to compile */
 #endif
 
@@ -61,6 +61,20 @@ static inline vf load_i8(const int8_t *p) {
 static inline vf load_i8(const int8_t *p) { vf v; for (int i = 0; i < VL; i++) v[i] = p[i]; return v; }
 #endif
 static inline vf splat(float v) { return (vf){0} + v; }
+/* a * b + c rounded once, in every product kernel alike, whatever the compiler would contract (GCC's Zen tuning
+   keeps 256-bit reductions as a multiply and an add): a row's sum is then the same bits in a step of any rows,
+   through the tiles or streamed_dot. */
+static inline vf fma_v(vf a, vf b, vf c) {
+#if defined(__x86_64__) && defined(__AVX512F__)
+    return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__x86_64__) && defined(__FMA__) && VBYTES == 32
+    return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+    vf r;
+    for (int i = 0; i < VL; i++) r[i] = __builtin_fmaf(a[i], b[i], c[i]);
+    return r;
+#endif
+}
 static inline float sum(vf v) { float s = 0; for (int i = 0; i < VL; i++) s += v[i]; return s; }
 static inline vf pick(vi mask, vf yes, vf no) { return (vf)((mask & (vi)yes) | (~mask & (vi)no)); }
 
@@ -139,34 +153,33 @@ static inline __attribute__((always_inline)) void tile(const float *x, const W *
             for (int r = 0; r < rows; r++) wv[r] = LOAD(w + (n + r) * K + k + v);
             for (int j = 0; j < xrows; j++) {
                 vf xv = load_f32(x + (m + j) * K + k + v);
-                for (int r = 0; r < rows; r++) acc[r][j] += wv[r] * xv;
+                for (int r = 0; r < rows; r++) acc[r][j] = fma_v(wv[r], xv, acc[r][j]);
             }
         }
     }
     for (int r = 0; r < rows; r++)
         for (int j = 0; j < xrows; j++) {
             float s = sum(acc[r][j]);
-            for (int64_t t = k; t < K; t++) s += x[(m + j) * K + t] * WIDEN(w[(n + r) * K + t]);
+            for (int64_t t = k; t < K; t++) s = __builtin_fmaf(x[(m + j) * K + t], WIDEN(w[(n + r) * K + t]), s);
             out[j * R + r] = s;
         }
 }
 
-/* x . w over K, one weight row read as one stream with four accumulators, the line STREAM_AHEAD bytes ahead
-   prefetched: a thread whose weight rows follow each other in memory reads one linear stream. Which of this and
-   `tile` streams faster from memory depends on the CPU's prefetchers (gpt2.kernels has a candidate of each). */
+/* x . w over K, summed as `tile` sums a row (one accumulator, a cache line at a time, then the tail), so that a row's
+   result is the same bits whatever the rows of its step; but one weight row after another, the line STREAM_AHEAD
+   bytes ahead prefetched, so that a thread whose weight rows follow each other in memory reads one linear stream
+   (the rows' sums overlap out of order). Which of this and `tile` streams faster from memory depends on the CPU's
+   prefetchers (gpt2.kernels has a candidate of each). */
 static inline float streamed_dot(const float *x, const W *w, int64_t K) {
-    enum { STEP = 4 * VL, STEP_BYTES = STEP * sizeof(W) };
-    vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    enum { LINE = 64 / sizeof(W) };
+    vf acc = {0};
     int64_t k = 0;
-    for (; k + STEP <= K; k += STEP) {
-        for (int line = 0; line < STEP_BYTES; line += 64) __builtin_prefetch((const char *)(w + k) + STREAM_AHEAD + line, 0, 3);
-        a0 += LOAD(w + k) * load_f32(x + k);
-        a1 += LOAD(w + k + VL) * load_f32(x + k + VL);
-        a2 += LOAD(w + k + 2 * VL) * load_f32(x + k + 2 * VL);
-        a3 += LOAD(w + k + 3 * VL) * load_f32(x + k + 3 * VL);
+    for (; k + LINE <= K; k += LINE) {
+        __builtin_prefetch((const char *)(w + k) + STREAM_AHEAD, 0, 3);
+        for (int v = 0; v < LINE; v += VL) acc = fma_v(LOAD(w + k + v), load_f32(x + k + v), acc);
     }
-    float s = sum((a0 + a1) + (a2 + a3));
-    for (; k < K; k++) s += x[k] * WIDEN(w[k]);
+    float s = sum(acc);
+    for (; k < K; k++) s = __builtin_fmaf(x[k], WIDEN(w[k]), s);
     return s;
 }
 

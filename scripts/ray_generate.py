@@ -33,7 +33,7 @@ import ray
 import ray.data
 
 from gpt2.batching import Prompt, encode_prompt, record, run_jobs
-from gpt2.cli import DTYPES, add_sampling_flags, argv_text, pick_device
+from gpt2.cli import DTYPES, add_sampling_flags, argv_text, parse_args, pick_device
 from gpt2.errors import UsageError
 
 
@@ -139,7 +139,7 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         check_args(args)
         args.stop = [argv_text(stop) for stop in args.stop]

@@ -117,6 +117,21 @@ def test_the_draw_of_each_build_is_torchs(builds, build):
         assert torch.equal(ours.get_state(), theirs.get_state())
 
 
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_rows_product_is_the_same_bits_in_a_step_of_any_rows(builds, build, dtype):
+    """Each row's result is the same bits alone (through the tiles or streaming) as in a step of 2 to 8 rows, on
+    every tail: a --prompt_file record does not depend on which rows decode beside it."""
+    lib = _compiled(builds, dtype, build)
+    for out_features, in_features in [(768, 768), (13, 77), (7, 3072)]:
+        x, weight, b, scales, _ = _operands(8, out_features, in_features, dtype, True)
+        alone = {stream: torch.cat([rows_product(x[r:r + 1], weight, b, scales, stream=stream, lib=lib)
+                                    for r in range(8)]) for stream in (False, True)}
+        assert torch.equal(alone[False], alone[True])
+        for rows in range(2, 9):
+            assert torch.equal(rows_product(x[:rows], weight, b, scales, lib=lib), alone[False][:rows]), rows
+
+
 def test_products_do_not_depend_on_the_thread_count(builds):
     """Each output is one thread's sum, so one thread or two give the same bits."""
     lib = _compiled(builds, torch.bfloat16)

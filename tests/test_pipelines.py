@@ -271,6 +271,13 @@ def _stop_string(text: str) -> str:
     pytest.fail(f"no usable stop string in {text!r}")
 
 
+def test_an_option_value_of_two_dashes_is_kept(cli) -> None:
+    """`--stop=--` and `--text=--`: argparse alone drops a value of exactly "--" (the CLI said "--stop needs a
+    non-empty string"); the text is the prompt, and the stop string ends a sample that would print it."""
+    [out] = records(ok(cli("--text=--", "--temperature", "0", "--length", "8", "--format", "jsonl", "--stop=--")))
+    assert out["prompt"] == "--" and "--" not in out["text"]
+
+
 @pytest.fixture(scope="session")
 def stop_case(greedy_alone: list[dict]) -> tuple[dict, str, str]:
     """(the greedy record of the prompt, a stop string in its text, the text before the stop string)"""
