@@ -86,7 +86,8 @@ def _parts(model: GPT2LMHeadModel) -> Parts:
             module = owner._modules.get(name)
             parts.append((owner._modules, name, module))
             if isinstance(module, (torch.nn.LayerNorm, torch.nn.Embedding)):
-                parts += [(module._parameters, key, module._parameters.get(key)) for key in ("weight", "bias")]
+                keys = ("weight", "bias") if isinstance(module, torch.nn.LayerNorm) else ("weight",)
+                parts += [(module._parameters, key, module._parameters.get(key)) for key in keys]
             elif isinstance(module, Projection):
                 parts += [(module.__dict__, key, module.__dict__[key]) for key in ("stored", "decode")]
     return parts

@@ -33,9 +33,7 @@
 #define TILE_ROWS(xrows) ((xrows) * 4 <= ACC ? 4 : (xrows) * 2 <= ACC ? 2 : 1)
 #define VL (VBYTES / 4) /* floats per vector */
 #define AHEAD 4         /* weight rows prefetched ahead (tile) */
-#ifndef STREAM_AHEAD
 #define STREAM_AHEAD 2048 /* bytes prefetched ahead (streamed_dot) */
-#endif
 
 typedef float vf __attribute__((vector_size(VBYTES), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(VBYTES), aligned(4)));

@@ -68,10 +68,14 @@ def _scaled_top_k(logits: Tensor, temperature: float, top_k: int) -> Tensor | No
 
 
 def _draw_library(tensor: Tensor) -> ctypes.CDLL | None:
-    """The compiled draw for a contiguous float32 CPU tensor (B, V), or None."""
-    if tensor.device.type != "cpu" or tensor.dtype != torch.float32 or tensor.dim() != 2 or not tensor.is_contiguous():
-        return None
-    return draw_library()
+    """The compiled draw for a tensor it reads (_drawable), or None."""
+    return draw_library() if _drawable(tensor) else None
+
+
+def _drawable(tensor: Tensor) -> bool:
+    """Whether the draw's own code reads `tensor`: contiguous float32 (B, V) on CPU (else torch's ops)."""
+    return tensor.device.type == "cpu" and tensor.dtype == torch.float32 and tensor.dim() == 2 \
+        and tensor.is_contiguous()
 
 
 def next_tokens(logits: Tensor, temperature: float, top_k: int, top_p: float,
@@ -108,7 +112,7 @@ def draw_one(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
     from the same generator state.
     """
     drawn = None
-    if probs.device.type == "cpu" and probs.dtype == torch.float32 and probs.dim() == 2 and probs.is_contiguous():
+    if _drawable(probs):
         lib = draw_library()
         if draw_one_matches_torch(lib is not None):
             drawn = _draw(probs, generator, lib)
