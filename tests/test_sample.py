@@ -384,15 +384,26 @@ def test_prompt_in_chunks_equals_the_prompt_at_once(pair, monkeypatch, rows, chu
     position_ids = (key_valid[:, :-1].long().cumsum(1) - 1).clamp(min=0)
 
     chunk_lengths = []
-    hidden_states = ours.hidden_states
+    hidden_states, forward = ours.hidden_states, ours.forward
+    in_forward = []
 
-    def spy(ids, *args, **kwargs):
-        chunk_lengths.append(ids.size(1))
+    def spy(ids, *args, **kwargs):  # every chunk but the last
+        if not in_forward:
+            chunk_lengths.append(ids.size(1))
         return hidden_states(ids, *args, **kwargs)
+
+    def spy_forward(ids, *args, **kwargs):  # the last chunk: through the blocks, or a step in one call (T = 1)
+        chunk_lengths.append(ids.size(1))
+        in_forward.append(True)
+        try:
+            return forward(ids, *args, **kwargs)
+        finally:
+            in_forward.pop()
 
     def first_logits_and_cache(prefill_rows: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         monkeypatch.setattr(gpt2.sample, "PIECE_ROWS", prefill_rows)
         monkeypatch.setattr(ours, "hidden_states", spy)
+        monkeypatch.setattr(ours, "forward", spy_forward)
         chunk_lengths.clear()
         ours.setup_caches(len(lengths), max(lengths) + 1)
         try:
