@@ -83,7 +83,8 @@ def library(dtype: torch.dtype, flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL |
     getattr(lib, name).restype = None
     lib.decode_step.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] \
         + [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5 \
-        + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
+        + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_int64,
+           ctypes.c_void_p]
     lib.decode_step.restype = ctypes.c_int
     lib.top_k_filter.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int64,
                                  ctypes.c_void_p]
@@ -128,7 +129,7 @@ def draw_rows(probs: Tensor, generator: torch.Generator, lib: ctypes.CDLL) -> Te
     threads sharing a generator never draw the same numbers, these draws take turns, and one whose generator was
     advanced by another thread meanwhile (a torch op) gives way to torch's draw."""
     tokens = torch.empty(probs.size(0), dtype=torch.int64)
-    with _DRAW_LOCK:
+    with DRAW_LOCK:
         before = generator.get_state()
         state = before.clone()  # the copy the draw advances
         if lib.draw_rows(probs.data_ptr(), probs.size(0), probs.size(1), state.data_ptr(), state.numel(),
@@ -138,7 +139,7 @@ def draw_rows(probs: Tensor, generator: torch.Generator, lib: ctypes.CDLL) -> Te
     return tokens
 
 
-_DRAW_LOCK = threading.Lock()
+DRAW_LOCK = threading.Lock()
 
 
 def rows_product(x: Tensor, weight: Tensor, bias: Tensor | None = None, scales: Tensor | None = None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import operator
 import weakref
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -59,6 +60,24 @@ class _Product(ctypes.Structure):
 class _Embeddings(ctypes.Structure):
     _fields_ = [("wte", ctypes.c_void_p), ("wte_bf16", ctypes.c_int64), ("n_tokens", ctypes.c_int64),
                 ("wpe", ctypes.c_void_p), ("n_positions", ctypes.c_int64)]
+
+
+class _Sampling(ctypes.Structure):
+    _fields_ = [("temperature", ctypes.c_float), ("margin", ctypes.c_float), ("top_k", ctypes.c_int64),
+                ("eot", ctypes.c_int64),
+                ("finished", ctypes.c_void_p), ("states", ctypes.c_void_p), ("tokens", ctypes.c_void_p),
+                ("computed", ctypes.c_int64), ("drawn", ctypes.c_int64)]
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """Steps run in one call, drawing their tokens (NativeStep.run_drawing): each computed step's logits (computed,
+    B, vocab), the tokens (drawn, B) of the first `drawn` of them (drawn <= computed), and the generator's state
+    after each of those draws (drawn, state bytes)."""
+
+    logits: Tensor
+    tokens: Tensor
+    states: Tensor
 
 
 class _Block(ctypes.Structure):
@@ -208,25 +227,51 @@ class NativeStep:
         """The logits (B, 1, vocab) of the tokens idx (B, 1), with forward()'s other arguments (a token per row at
         its slot); None, with nothing changed, where this step cannot run here (the torch path then runs it, and
         raises where a token, position or slot is out of range)."""
+        logits = torch.empty(idx.size(0), 1, self.n_vocab)
+        return logits if self._call(idx, start, position_ids, key_valid, logits, 1, None) else None
+
+    def run_drawing(self, idx: Tensor, slot: int, position_ids: Tensor | None, key_valid: Tensor | None,
+                    steps: int, temperature: float, top_k: int, eot_token: int | None, finished: Tensor,
+                    state: Tensor, margin: float) -> Drawn | None:
+        """Up to `steps` decode steps from the tokens idx (B, 1) at `slot` (the next ones at the next slots and
+        positions, the last position held), each step's tokens drawn in the call as gpt2.sample.next_token draws
+        them (temperature > 0, no top-p) from a generator in `state` (its get_state()), a row that has drawn
+        `eot_token` (finished (B,) bool: already) drawing it again, and fed to the next step. It stops early where
+        a row's best ratio does not beat its runner-up by more than `margin` can move them (gpt2.sample._Ahead:
+        that step's logits come back undrawn, for the caller to draw), every row has drawn eot_token, or a step
+        would pass the caches' slots. None, with nothing changed, where it cannot run here."""
+        B, V = idx.size(0), self.n_vocab
+        logits, tokens = torch.empty(steps, B, V), torch.empty(steps, B, dtype=torch.int64)
+        states = torch.empty(steps + 1, state.numel(), dtype=torch.uint8)
+        states[0] = state
+        done = finished.to(torch.uint8)
+        sampling = _Sampling(temperature, margin, top_k, -1 if eot_token is None else eot_token, done.data_ptr(),
+                             states.data_ptr(), tokens.data_ptr(), 0, 0)
+        if not self._call(idx, slot, position_ids, key_valid, logits, steps, sampling):
+            return None
+        return Drawn(logits[:sampling.computed], tokens[:sampling.drawn], states[1:sampling.drawn + 1])
+
+    def _call(self, idx: Tensor, start: int | Tensor, position_ids: Tensor | None, key_valid: Tensor | None,
+              logits: Tensor, steps: int, sampling: _Sampling | None) -> bool:
+        """decode_step into logits (steps, B, vocab); False, with nothing changed, where it cannot run here."""
         B = idx.size(0)
         if B > DECODE_ROWS or idx.dtype != torch.int64 or not self._use_caches(B):
-            return None
+            return False
         slot, first = None, start
         if isinstance(start, Tensor):
             if start.dtype != torch.int64 or start.numel() not in (1, B):
-                return None
+                return False
             slot, first = start.reshape(-1).expand(B).contiguous(), 0
         elif not 0 <= start < self._slots:
-            return None
+            return False
         if position_ids is not None:
             if position_ids.dtype != torch.int64 or position_ids.numel() != B:
-                return None
+                return False
             position_ids = position_ids.reshape(-1).contiguous()
         if key_valid is not None and (key_valid.dtype != torch.bool or key_valid.dim() != 2
                                       or key_valid.size(0) != B or key_valid.stride(1) != 1):
-            return None
+            return False
         idx, config = idx.contiguous(), self.config
-        logits = torch.empty(B, 1, self.n_vocab)
         failed = self.lib.decode_step(
             self.table, len(self.table), ctypes.byref(self._embeddings), self._ln_f[0].data_ptr(),
             self._ln_f[1].data_ptr(), ctypes.byref(self._head_struct), self.n_vocab, idx.data_ptr(),
@@ -234,8 +279,9 @@ class NativeStep:
             None if position_ids is None else position_ids.data_ptr(), logits.data_ptr(), B, config.n_embd,
             self.inner, config.n_head, self._slots, None if key_valid is None else key_valid.data_ptr(),
             0 if key_valid is None else key_valid.stride(0), 0 if key_valid is None else key_valid.size(1),
-            config.layer_norm_epsilon, torch.get_num_threads())
-        return None if failed else logits
+            config.layer_norm_epsilon, torch.get_num_threads(), steps,
+            None if sampling is None else ctypes.byref(sampling))
+        return not failed
 
 
 def _alias(product: Product) -> Product:

@@ -327,62 +327,6 @@ struct embeddings {
     int64_t n_positions;
 };
 
-/* The tokens idx (M,) at their slots (slot[m], or first_slot for every row where slot is NULL) and positions
-   (position[m], or the slot where position is NULL), embedded, through every block, then the final layer norm
-   and the LM head (N_vocab, C) into logits (M, N_vocab): the blocks' KV caches get each token's keys and values
-   at its slot. A row attends to the slots valid[m * valid_stride + slot] marks up to its own (valid NULL: every
-   one), and always to its own. Returns 0; -1 where memory runs out, -2 where a token, position or slot is out of
-   range (nothing written either way: the caller's torch path says what is wrong). */
-int decode_step(const struct block *blocks, int64_t n_layer, const struct embeddings *e, const float *ln_f_weight,
-                const float *ln_f_bias, const struct product *head, int64_t n_vocab, const int64_t *idx,
-                const int64_t *slot, int64_t first_slot, const int64_t *position, float *logits, int64_t M, int64_t C,
-                int64_t inner, int64_t n_head, int64_t slots, const uint8_t *valid, int64_t valid_stride,
-                int64_t valid_width, float eps, int threads) {
-    float *x = malloc(M * C * sizeof(float)), *h = malloc(M * C * sizeof(float)),
-          *qkv = malloc(M * 3 * C * sizeof(float)), *f = malloc(M * inner * sizeof(float)),
-          *scores = malloc(M * n_head * slots * sizeof(float));
-    int64_t *at = malloc(M * sizeof(int64_t));
-    int32_t *keys = malloc(M * slots * sizeof(int32_t)), *n_keys = malloc(M * sizeof(int32_t));
-    int status = x && h && qkv && f && scores && at && keys && n_keys ? 0 : -1;
-    for (int64_t m = 0; m < M && status == 0; m++) {
-        at[m] = slot ? slot[m] : first_slot;
-        int64_t p = position ? position[m] : at[m];
-        if (idx[m] < 0 || idx[m] >= e->n_tokens || p < 0 || p >= e->n_positions || at[m] < 0 || at[m] >= slots
-            || (valid && at[m] >= valid_width))
-            status = -2;
-    }
-    if (status == 0) {
-        for (int64_t m = 0; m < M; m++) {
-            const float *wpe = e->wpe + (position ? position[m] : at[m]) * C;
-            for (int64_t c = 0; c < C; c++)
-                x[m * C + c] = (e->wte_bf16 ? bf16(((const uint16_t *)e->wte)[idx[m] * C + c])
-                                            : ((const float *)e->wte)[idx[m] * C + c]) + wpe[c];
-            n_keys[m] = 0;
-            for (int64_t key = 0; key <= at[m]; key++)
-                if (!valid || valid[m * valid_stride + key] || key == at[m]) keys[m * slots + n_keys[m]++] = key;
-        }
-        struct step s = {M, C, n_head, slots, eps, at, keys, n_keys};
-#pragma omp parallel num_threads(threads)
-        {
-            for (int64_t l = 0; l < n_layer; l++) {
-                const struct block *b = blocks + l;
-                layer_norm(&s, x, b->ln_1_weight, b->ln_1_bias, h);
-                product(&b->c_attn, h, qkv, M, C, 3 * C, 0);
-                attention(&s, qkv, b->k, b->v, h, scores);
-                product(&b->attn_proj, h, x, M, C, C, 1);
-                layer_norm(&s, x, b->ln_2_weight, b->ln_2_bias, h);
-                product(&b->c_fc, h, f, M, C, inner, 0);
-                gelu(f, M * inner);
-                product(&b->mlp_proj, f, x, M, inner, C, 1);
-            }
-            layer_norm(&s, x, ln_f_weight, ln_f_bias, h);
-            product(head, h, logits, M, C, n_vocab, 0);
-        }
-    }
-    free(x), free(h), free(qkv), free(f), free(scores), free(at), free(keys), free(n_keys);
-    return status;
-}
-
 /* ------------------------------------------------------------------------------------------------ the draw */
 
 /* gpt2.sample's draw after a step, in two passes where torch takes a dozen ops: before its softmax, the logits
@@ -409,57 +353,55 @@ static void sift_down(float *heap, int64_t k, int64_t i) {
     }
 }
 
-/* y (B, V) = logits / temperature, with the entries below their row's k-th largest set to -inf (k < 1 or
-   k >= V: none), as torch computes `masked_fill(scaled < topk(scaled, k).values[..., -1:], -inf)`. Returns 0;
-   1 where a row's largest is not finite (NaN or inf: the caller takes the greedy choice); -1 where memory runs
-   out. */
-int top_k_filter(const float *logits, int64_t B, int64_t V, float temperature, int64_t k, float *y) {
-    int selects = k > 0 && k < V;
-    float *heap = selects ? malloc(k * sizeof(float)) : NULL;
-    if (selects && !heap) return -1;
-    int status = 0;
-    for (int64_t b = 0; b < B && status == 0; b++) {
-        const float *in = logits + b * V;
-        float *out = y + b * V;
-        vf top = splat(-INFINITY);
-        vi nan = {0};
-        int64_t i = 0;
-        for (; i + VL <= V; i += VL) {
-            vf v = load_f32(in + i) / temperature;
-            store_f32(out + i, v);
-            nan |= v != v;
-            top = pick(v > top, v, top);
-        }
-        float largest = -INFINITY;
-        for (int l = 0; l < VL; l++) largest = top[l] > largest ? top[l] : largest;
-        for (; i < V; i++) {
-            out[i] = in[i] / temperature;
-            nan[0] |= out[i] != out[i];
-            largest = out[i] > largest ? out[i] : largest;
-        }
-        if (any(nan) || !isfinite(largest)) {
-            status = 1;
-            break;
-        }
-        if (!selects) continue;
-        /* the k largest in a min-heap, whose root is then the k-th largest */
-        memcpy(heap, out, k * sizeof(float));
-        for (i = k / 2; i-- > 0;) sift_down(heap, k, i);
-        for (i = k; i < V && i % VL; i++)
-            if (out[i] > heap[0]) heap[0] = out[i], sift_down(heap, k, 0);
-        for (; i + VL <= V; i += VL)
-            if (any(load_f32(out + i) > heap[0]))
-                for (int l = 0; l < VL; l++)
-                    if (out[i + l] > heap[0]) heap[0] = out[i + l], sift_down(heap, k, 0);
-        for (; i < V; i++)
-            if (out[i] > heap[0]) heap[0] = out[i], sift_down(heap, k, 0);
-        vf kth = splat(heap[0]), none = splat(-INFINITY);
-        for (i = 0; i + VL <= V; i += VL) {
-            vf v = load_f32(out + i);
-            store_f32(out + i, pick(v < kth, none, v));
-        }
-        for (; i < V; i++) out[i] = out[i] < heap[0] ? -INFINITY : out[i];
+/* y (V,) = logits / temperature, with the entries below the k-th largest set to -inf (k < 1 or k >= V: none), as
+   torch computes `masked_fill(scaled < topk(scaled, k).values[..., -1:], -inf)`; heap: k floats. Returns 0, or 1
+   where the largest is not finite (NaN or inf: the caller takes the greedy choice). */
+static int filter_row(const float *in, int64_t V, float temperature, int64_t k, float *heap, float *out) {
+    vf top = splat(-INFINITY);
+    vi nan = {0};
+    int64_t i = 0;
+    for (; i + VL <= V; i += VL) {
+        vf v = load_f32(in + i) / temperature;
+        store_f32(out + i, v);
+        nan |= v != v;
+        top = pick(v > top, v, top);
     }
+    float largest = -INFINITY;
+    for (int l = 0; l < VL; l++) largest = top[l] > largest ? top[l] : largest;
+    for (; i < V; i++) {
+        out[i] = in[i] / temperature;
+        nan[0] |= out[i] != out[i];
+        largest = out[i] > largest ? out[i] : largest;
+    }
+    if (any(nan) || !isfinite(largest)) return 1;
+    if (k < 1 || k >= V) return 0;
+    /* the k largest in a min-heap, whose root is then the k-th largest */
+    memcpy(heap, out, k * sizeof(float));
+    for (i = k / 2; i-- > 0;) sift_down(heap, k, i);
+    for (i = k; i < V && i % VL; i++)
+        if (out[i] > heap[0]) heap[0] = out[i], sift_down(heap, k, 0);
+    for (; i + VL <= V; i += VL)
+        if (any(load_f32(out + i) > heap[0]))
+            for (int l = 0; l < VL; l++)
+                if (out[i + l] > heap[0]) heap[0] = out[i + l], sift_down(heap, k, 0);
+    for (; i < V; i++)
+        if (out[i] > heap[0]) heap[0] = out[i], sift_down(heap, k, 0);
+    vf kth = splat(heap[0]), none = splat(-INFINITY);
+    for (i = 0; i + VL <= V; i += VL) {
+        vf v = load_f32(out + i);
+        store_f32(out + i, pick(v < kth, none, v));
+    }
+    for (; i < V; i++) out[i] = out[i] < heap[0] ? -INFINITY : out[i];
+    return 0;
+}
+
+/* filter_row for each row of logits (B, V) into y (B, V). Returns 0; 1 where a row's largest is not finite; -1
+   where memory runs out. */
+int top_k_filter(const float *logits, int64_t B, int64_t V, float temperature, int64_t k, float *y) {
+    float *heap = k > 0 && k < V ? malloc(k * sizeof(float)) : NULL;
+    if (k > 0 && k < V && !heap) return -1;
+    int status = 0;
+    for (int64_t b = 0; b < B && status == 0; b++) status = filter_row(logits + b * V, V, temperature, k, heap, y + b * V);
     free(heap);
     return status;
 }
@@ -490,25 +432,30 @@ static inline uint32_t mt_temper(uint32_t y) {
 
 /* Entry e of probs (B, V) as a candidate: its ratio p / q, where q = -log1p(-u) rounded to float and u = the low 53
    bits of (hi << 32 | lo) / 2**53 (torch's exponential_, two words of the generator for every entry), and the
-   row's token where the ratio is its first maximum (torch's argmax of probs / q). Returns 0, or 1 where p is
-   not a probability torch accepts. */
-static int candidate(const float *probs, int64_t e, int64_t V, uint32_t hi, uint32_t lo, int64_t *row, float *best,
+   row's token where the ratio is its first maximum (torch's argmax of probs / q); second[row]: the row's next
+   largest ratio. Returns 0, or 1 where p is not a probability torch accepts. */
+static int candidate(const float *probs, int64_t e, int64_t V, uint32_t hi, uint32_t lo, float *best, float *second,
                      int64_t *tokens) {
     float p = probs[e];
     if (!(p > 0) || isinf(p)) return 1;
-    if (e / V != *row) *row = e / V, *best = -1;
+    int64_t row = e / V;
     uint64_t bits = (uint64_t)(mt_temper(hi) & 0x1fffffu) << 32 | mt_temper(lo);
     float q = (float)-log1p(-(double)bits * 0x1p-53);
     float ratio = p / q;
-    if (ratio > *best) *best = ratio, tokens[*row] = e % V;
+    if (ratio > best[row]) second[row] = best[row], best[row] = ratio, tokens[row] = e % V;
+    else if (ratio > second[row]) second[row] = ratio;
     return 0;
 }
 
 /* tokens (B,) = torch.multinomial(probs (B, V), 1) from the generator whose get_state() bytes `state` holds,
    advanced in place as torch advances it. Only the nonzero entries can win, so the generator's words are
-   tempered there only. Returns 0; or 1, `state` untouched, where torch must draw instead: another state layout,
-   a row without a candidate, a probability torch refuses, or a zero word (which could make u 0). */
-int draw_rows(const float *probs, int64_t B, int64_t V, uint8_t *state, int64_t state_bytes, int64_t *tokens) {
+   tempered there only. With margin > 0, probs are weights within a relative `margin` of torch's probabilities
+   times a factor per row, and each row's best ratio must beat its runner-up by more than they can move. Returns
+   0; or 1, `state` untouched, where torch must draw instead: another state layout, a row without a candidate, a
+   probability torch refuses, a zero word (which could make u 0), a row too close to a tie; -1 where memory runs
+   out. */
+static int draw_walk(const float *probs, int64_t B, int64_t V, uint8_t *state, int64_t state_bytes, int64_t *tokens,
+                     float margin) {
     int32_t left;
     uint64_t next;
     uint32_t s[MT_N], pending_hi = 0;
@@ -520,27 +467,34 @@ int draw_rows(const float *probs, int64_t B, int64_t V, uint8_t *state, int64_t 
         memcpy(&word, state + 24 + 8 * i, 8);
         s[i] = (uint32_t)word;
     }
-    float best = -1;
-    int64_t n = B * V, pos = (int64_t)next, avail = left - 1, word = 0, row = -1, pending = -1;
-    for (int64_t b = 0; b < B; b++) tokens[b] = -1;
+    float *best = malloc(2 * B * sizeof(float)), *second = best + B;
+    if (!best) return -1;
+    int status = 0;
+    int64_t n = B * V, pos = (int64_t)next, avail = left - 1, word = 0, pending = -1;
+    for (int64_t b = 0; b < B; b++) tokens[b] = -1, best[b] = second[b] = -1;
     /* Entry e takes words 2e (hi) and 2e + 1 (lo) of the stream, which s[pos...] holds for a run of `avail`. */
-    while (word < 2 * n) {
+    while (word < 2 * n && status == 0) {
         if (avail == 0) mt_next_state(s), pos = 0, avail = MT_N;
         int64_t run = avail < 2 * n - word ? avail : 2 * n - word, zero = 0;
         for (int64_t i = pos; i < pos + run; i++) zero |= s[i] == 0;
-        if (zero) return 1;
+        if (zero) {
+            status = 1;
+            break;
+        }
 #define WORD(o) s[pos + (o) - word] /* word o of the stream, within this run */
-        if (pending >= 0 && candidate(probs, pending, V, pending_hi, WORD(word), &row, &best, tokens)) return 1;
+        if (pending >= 0) status = candidate(probs, pending, V, pending_hi, WORD(word), best, second, tokens);
         pending = -1;
         int64_t e = (word + 1) / 2, end = (word + run) / 2; /* the entries with both words in this run */
-        for (; e < end; e++)
-            if (probs[e] != 0 && candidate(probs, e, V, WORD(2 * e), WORD(2 * e + 1), &row, &best, tokens)) return 1;
+        for (; e < end && status == 0; e++)
+            if (probs[e] != 0) status = candidate(probs, e, V, WORD(2 * e), WORD(2 * e + 1), best, second, tokens);
         if ((word + run) % 2 && probs[end] != 0) pending = end, pending_hi = WORD(2 * end); /* lo: the next run's */
 #undef WORD
         word += run, pos += run, avail -= run;
     }
-    for (int64_t b = 0; b < B; b++)
-        if (tokens[b] < 0) return 1;
+    for (int64_t b = 0; b < B && status == 0; b++)
+        if (tokens[b] < 0 || (margin > 0 && !(best[b] * (1 - margin) > second[b] * (1 + margin)))) status = 1;
+    free(best);
+    if (status) return status;
     int32_t new_left = (int32_t)avail + 1;
     uint64_t new_next = (uint64_t)pos;
     memcpy(state + 8, &new_left, 4), memcpy(state + 16, &new_next, 8);
@@ -549,4 +503,139 @@ int draw_rows(const float *probs, int64_t B, int64_t V, uint8_t *state, int64_t 
         memcpy(state + 24 + 8 * i, &word64, 8);
     }
     return 0;
+}
+
+/* draw_walk's exact draw: the same token and state as torch.multinomial(probs, 1) or 1 (see draw_walk). */
+int draw_rows(const float *probs, int64_t B, int64_t V, uint8_t *state, int64_t state_bytes, int64_t *tokens) {
+    return draw_walk(probs, B, V, state, state_bytes, tokens, 0);
+}
+
+/* ------------------------------------------------------------------------------------------ the decode step */
+
+/* How decode_step draws each step's tokens, as gpt2.sample.next_token does (temperature > 0, top-p 1): from the
+   generator whose get_state() bytes states[0] holds, the state after step j's draw into states[j + 1]; a row that
+   has drawn `eot` (>= 0) keeps drawing it. `margin`: the relative distance within which the weights drawn from
+   (weights_row) and torch's probabilities agree beyond a common factor (draw_walk). The caller reads `computed`
+   (steps whose logits were computed) and `drawn` (steps whose tokens were drawn). */
+struct sampling {
+    float temperature, margin;
+    int64_t top_k, eot;
+    uint8_t *finished; /* (M,) */
+    uint8_t *states;   /* (n_steps + 1, STATE_BYTES) */
+    int64_t *tokens;   /* (n_steps, M) */
+    int64_t computed, drawn;
+};
+
+/* y (V,) filtered (filter_row) -> exp(y - largest), 0 where y is -inf: torch's softmax times the sum of these. */
+static void weights_row(float *y, int64_t V) {
+    float largest = -INFINITY;
+    for (int64_t i = 0; i < V; i++) largest = y[i] > largest ? y[i] : largest;
+    vf top = splat(largest), none = splat(-INFINITY), zero = splat(0);
+    int64_t i = 0;
+    for (; i + VL <= V; i += VL) {
+        vf v = load_f32(y + i);
+        store_f32(y + i, pick(v == none, zero, exp_v(v - top)));
+    }
+    for (; i < V; i++) y[i] = y[i] == -INFINITY ? 0 : exp_1(y[i] - largest);
+}
+
+/* The next tokens (M,) from logits (M, V), into d->tokens, the state into `state`, the finished rows updated: 0,
+   or 1 (nothing changed) where gpt2.sample must draw them itself (a row whose largest logit is not finite, or
+   one of draw_walk's cases, a near-tie among them). */
+static int draw_step(const float *logits, int64_t M, int64_t V, struct sampling *d, uint8_t *state, int64_t *tokens,
+                     float *scratch, float *heap) {
+    for (int64_t m = 0; m < M; m++) {
+        if (filter_row(logits + m * V, V, d->temperature, d->top_k, heap, scratch + m * V)) return 1;
+        weights_row(scratch + m * V, V);
+    }
+    if (draw_walk(scratch, M, V, state, STATE_BYTES, tokens, d->margin)) return 1;
+    for (int64_t m = 0; m < M; m++) {
+        if (d->eot >= 0 && d->finished[m]) tokens[m] = d->eot;
+        if (tokens[m] == d->eot) d->finished[m] = 1;
+    }
+    return 0;
+}
+
+/* The tokens idx (M,) at their slots (slot[m], or first_slot for every row where slot is NULL) and positions
+   (position[m], or the slot where position is NULL), embedded, through every block, then the final layer norm
+   and the LM head (N_vocab, C) into logits (M, N_vocab): the blocks' KV caches get each token's keys and values
+   at its slot. A row attends to the slots valid[m * valid_stride + slot] marks up to its own (valid NULL: every
+   one), and always to its own. Returns 0; -1 where memory runs out, -2 where a token, position or slot is out of
+   range (nothing written either way: the caller's torch path says what is wrong).
+
+   With `d`, up to n_steps steps (logits (n_steps, M, N_vocab)): each step's tokens drawn (struct sampling) and
+   fed to the next one at the next slot and position (the last position held), until a draw is left to the
+   caller, every row has drawn eot, or a step cannot run (its slot out of range: d->computed tells). */
+int decode_step(const struct block *blocks, int64_t n_layer, const struct embeddings *e, const float *ln_f_weight,
+                const float *ln_f_bias, const struct product *head, int64_t n_vocab, const int64_t *idx,
+                const int64_t *slot, int64_t first_slot, const int64_t *position, float *logits, int64_t M, int64_t C,
+                int64_t inner, int64_t n_head, int64_t slots, const uint8_t *valid, int64_t valid_stride,
+                int64_t valid_width, float eps, int threads, int64_t n_steps, struct sampling *d) {
+    float *x = malloc(M * C * sizeof(float)), *h = malloc(M * C * sizeof(float)),
+          *qkv = malloc(M * 3 * C * sizeof(float)), *f = malloc(M * inner * sizeof(float)),
+          *scores = malloc(M * n_head * slots * sizeof(float));
+    float *scratch = d ? malloc(M * n_vocab * sizeof(float)) : NULL,
+          *heap = d ? malloc((d->top_k > 0 ? d->top_k : 1) * sizeof(float)) : NULL;
+    int64_t *at = malloc(M * sizeof(int64_t)), *where = malloc(M * sizeof(int64_t)), *input = malloc(M * sizeof(int64_t));
+    int32_t *keys = malloc(M * slots * sizeof(int32_t)), *n_keys = malloc(M * sizeof(int32_t));
+    int status = x && h && qkv && f && scores && at && where && input && keys && n_keys && (!d || (scratch && heap))
+                     ? 0 : -1;
+    if (!d) n_steps = 1;
+    else d->computed = d->drawn = 0;
+    if (status == 0) memcpy(input, idx, M * sizeof(int64_t));
+    for (int64_t j = 0; j < n_steps && status == 0; j++) {
+        for (int64_t m = 0; m < M; m++) {
+            at[m] = (slot ? slot[m] : first_slot) + j;
+            int64_t p = position ? position[m] + j : at[m];
+            if (position && j > 0 && p >= e->n_positions) p = e->n_positions - 1;
+            where[m] = p;
+            if (input[m] < 0 || input[m] >= e->n_tokens || p < 0 || p >= e->n_positions || at[m] < 0
+                || at[m] >= slots || (valid && at[m] >= valid_width))
+                status = -2;
+        }
+        if (status) {
+            if (j > 0) status = 0; /* the steps so far stand */
+            break;
+        }
+        for (int64_t m = 0; m < M; m++) {
+            const float *wpe = e->wpe + where[m] * C;
+            for (int64_t c = 0; c < C; c++)
+                x[m * C + c] = (e->wte_bf16 ? bf16(((const uint16_t *)e->wte)[input[m] * C + c])
+                                            : ((const float *)e->wte)[input[m] * C + c]) + wpe[c];
+            n_keys[m] = 0;
+            for (int64_t key = 0; key <= at[m]; key++)
+                if (!valid || valid[m * valid_stride + key] || key == at[m]) keys[m * slots + n_keys[m]++] = key;
+        }
+        struct step s = {M, C, n_head, slots, eps, at, keys, n_keys};
+        float *out = logits + j * M * n_vocab;
+#pragma omp parallel num_threads(threads)
+        {
+            for (int64_t l = 0; l < n_layer; l++) {
+                const struct block *b = blocks + l;
+                layer_norm(&s, x, b->ln_1_weight, b->ln_1_bias, h);
+                product(&b->c_attn, h, qkv, M, C, 3 * C, 0);
+                attention(&s, qkv, b->k, b->v, h, scores);
+                product(&b->attn_proj, h, x, M, C, C, 1);
+                layer_norm(&s, x, b->ln_2_weight, b->ln_2_bias, h);
+                product(&b->c_fc, h, f, M, C, inner, 0);
+                gelu(f, M * inner);
+                product(&b->mlp_proj, f, x, M, inner, C, 1);
+            }
+            layer_norm(&s, x, ln_f_weight, ln_f_bias, h);
+            product(head, h, out, M, C, n_vocab, 0);
+        }
+        if (!d) break;
+        d->computed = j + 1;
+        uint8_t *state = d->states + (j + 1) * STATE_BYTES;
+        memcpy(state, state - STATE_BYTES, STATE_BYTES);
+        if (draw_step(out, M, n_vocab, d, state, d->tokens + j * M, scratch, heap)) break;
+        d->drawn = j + 1;
+        memcpy(input, d->tokens + j * M, M * sizeof(int64_t));
+        int64_t open = 0;
+        for (int64_t m = 0; m < M; m++) open |= !d->finished[m];
+        if (d->eot >= 0 && !open) break;
+    }
+    free(x), free(h), free(qkv), free(f), free(scores), free(scratch), free(heap), free(at), free(where), free(input);
+    free(keys), free(n_keys);
+    return status;
 }

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from gpt2.kernels import PIECE_ROWS
 from gpt2.model import GPT2LMHeadModel
-from gpt2.native import draw_library, draw_rows, top_k_filter
+from gpt2.native import DRAW_LOCK, draw_library, draw_rows, top_k_filter
+from gpt2.native_step import Drawn, NativeStep
 
 
 def top_k_logits(logits: Tensor, k: int) -> Tensor:
@@ -222,11 +223,16 @@ def generate(model: GPT2LMHeadModel, prompts: Sequence[Sequence[int]], max_new_t
         next_position = lengths.unsqueeze(1)  # (B, 1)
     model.setup_caches(len(prompts), total)
     decode_step: DecodeStep = functools.partial(_decode_step, model)
+    ahead = _Ahead.of(model, temperature, top_k, top_p, generator)
     try:
         logits = _prefill(model, idx, position_ids, key_valid)
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         for step in range(steps):
-            token = next_token(logits, temperature, top_k, top_p, generator)
+            token = None if ahead is None else ahead.token()
+            if token is None:
+                if ahead is not None and ahead.logits is not None:
+                    logits = ahead.logits
+                token = next_token(logits, temperature, top_k, top_p, generator)
             if eot_token is not None:
                 token = token.masked_fill(finished, eot_token)
                 finished |= token == eot_token
@@ -239,11 +245,84 @@ def generate(model: GPT2LMHeadModel, prompts: Sequence[Sequence[int]], max_new_t
                 from gpt2.cuda_graph import decode_graph
 
                 decode_step = decode_graph(model, len(prompts))
-            logits = decode_step(token, width + step, position, key_valid)
+            if ahead is None or not (ahead.waiting() or ahead.run(token, width + step, position, key_valid,
+                                                                   steps - step - 1, eot_token, finished)):
+                logits = decode_step(token, width + step, position, key_valid)
             if next_position is not None:
                 next_position = next_position + 1
     finally:
         model.clear_caches()
+
+
+# Decode steps run in one call of the compiled step by _Ahead, each drawing its token.
+AHEAD_STEPS = 8
+# How far apart torch's probabilities and the weights C draws from (rows.c weights_row) may be, relative, beyond
+# a factor common to a row: C's exp (2 ulp) and torch's (a few), torch's product by 1 / sum, each side's ratio.
+DRAW_MARGIN = 64 * 2.0**-23
+
+
+class _Ahead:
+    """Decode steps run AHEAD_STEPS to a call of the compiled step (gpt2.native_step), each drawing its tokens in
+    C, so that no Python runs between them (in a bfloat16 step, that Python took as long as the attention).
+
+    The caller sees the tokens and generator states of steps drawn one by one: C draws what next_token draws
+    wherever each row's best ratio (draw_one) beats its runner-up by more than the difference between torch's
+    softmax and the weights C draws from could move them, and leaves the step to next_token otherwise. Each
+    token drawn ahead is handed out with the generator set to its state after that draw; where the generator
+    has moved since (the caller drew from it between two tokens), the tokens drawn ahead are dropped and the
+    step's logits drawn from by next_token."""
+
+    def __init__(self, model: GPT2LMHeadModel, source: torch.Generator, temperature: float, top_k: int) -> None:
+        self.model, self.source, self.temperature, self.top_k = model, source, temperature, top_k
+        self.drawn: Drawn | None = None
+        self.used = 0  # steps of `drawn` handed out
+        self.expected: Tensor | None = None  # the generator's state as the last token handed out left it
+        self.logits: Tensor | None = None  # the logits of a step run here whose token next_token draws
+
+    @classmethod
+    def of(cls, model: GPT2LMHeadModel, temperature: float, top_k: int, top_p: float,
+           generator: torch.Generator | None) -> _Ahead | None:
+        """Where this model and sampling can draw ahead (the compiled step decides at each call), else None."""
+        source = torch.default_generator if generator is None else generator
+        if temperature <= 0 or top_p < 1 or source.device.type != "cpu" \
+                or model.transformer.wte.weight.device.type != "cpu" or draw_library() is None \
+                or not draw_one_matches_torch(True):
+            return None
+        return cls(model, source, temperature, top_k)
+
+    def run(self, token: Tensor, slot: int, position: Tensor | None, key_valid: Tensor | None, left: int,
+            eot_token: int | None, finished: Tensor) -> bool:
+        """Run the steps after `token` at `slot` (up to `left` of them); False where they cannot run here."""
+        step = NativeStep.of(self.model)
+        state = self.source.get_state()
+        drawn = None if step is None else step.run_drawing(
+            token.unsqueeze(1), slot, position, key_valid, min(AHEAD_STEPS, left), self.temperature, self.top_k,
+            eot_token, finished, state, DRAW_MARGIN)
+        if drawn is None:
+            return False
+        self.drawn, self.used, self.expected = drawn, 0, state
+        return True
+
+    def waiting(self) -> bool:
+        """Whether a step run here waits to be handed out."""
+        return self.drawn is not None and self.used < self.drawn.logits.size(0)
+
+    def token(self) -> Tensor | None:
+        """The next step's tokens (B,) where they were drawn here, the generator set as their draw left it; else
+        None, with the step's logits in `logits` where it was run here (None: the caller's own step)."""
+        self.logits = None
+        if not self.waiting():
+            return None
+        drawn, j = self.drawn, self.used
+        self.used += 1
+        if j < drawn.tokens.size(0):
+            with DRAW_LOCK:  # as draw_rows: against compiled draws from the same generator in other threads
+                if torch.equal(self.source.get_state(), self.expected):
+                    self.expected = drawn.states[j].clone()  # set_state crashes on a view (torch 2.13)
+                    self.source.set_state(self.expected)
+                    return drawn.tokens[j]
+        self.logits, self.drawn = drawn.logits[j], None  # the steps after this one followed the token drawn here
+        return None
 
 
 @torch.inference_mode()

@@ -13,6 +13,7 @@ from conftest import random_hf_model
 
 import gpt2.native
 import gpt2.native_step
+import gpt2.sample
 from gpt2.checkpoint import load_model
 from gpt2.config import GPT2Config
 from gpt2.kernels import Projection, kernels_for
@@ -239,6 +240,12 @@ def on_native(model, precision: str, lib, stream: bool = False):
 
 def torch_path(monkeypatch):
     monkeypatch.setattr(NativeStep, "run", lambda *args: None)
+    one_by_one(monkeypatch)
+
+
+def one_by_one(monkeypatch):
+    """generate's decode steps one to a call, each token drawn by next_token (no steps run ahead)."""
+    monkeypatch.setattr(NativeStep, "run_drawing", lambda *args: None)
 
 
 @pytest.mark.parametrize("build", BUILDS)
@@ -285,26 +292,116 @@ def test_a_decode_step_in_one_call_equals_the_torch_path(builds, blocks_dir, mon
         assert torch.allclose(k, cache.k, atol=1e-5) and torch.allclose(v, cache.v, atol=1e-5)
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_seeded_tokens_are_those_of_the_torch_path(builds, blocks_dir, monkeypatch, stream):
-    """Prompts of different lengths (left padding, masked), sampled, in batches of 3, 1 and 6 rows and a run
-    whose caches grow past their first 64 slots (the table follows the caches): the same tokens either way."""
+@pytest.mark.parametrize("stream, ahead", [(False, True), (True, True), (False, False)])
+def test_seeded_tokens_are_those_of_the_torch_path(builds, blocks_dir, monkeypatch, stream, ahead):
+    """Prompts of different lengths (left padding, masked), sampled, in batches of 3, 1 and 6 rows, a run whose
+    caches grow past their first 64 slots (the table follows the caches) and one past the window, whose first row
+    holds its last position: the same tokens either way, with steps run several to a call drawing their own tokens
+    (`ahead`) or one to a call."""
     lib = _compiled(builds, torch.bfloat16)
     model = on_native(load_model(blocks_dir, dtype=torch.bfloat16), "bfloat16", lib, stream)
     prompts = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11]]
-    runs = [(prompts, 12), (prompts[:1], 12), (prompts * 2, 12), (prompts[:1], 90)]
+    runs = [(prompts, 12), (prompts[:1], 12), (prompts * 2, 12), (prompts[:1], 90), ([[3] * 100, [4]], [20, 120])]
 
     def tokens() -> list[torch.Tensor]:
         return [torch.stack(list(generate(model, batch, steps, temperature=0.9, top_k=40,
                                           generator=torch.Generator().manual_seed(3)))) for batch, steps in runs]
 
     calls = []
-    run = NativeStep.run
-    monkeypatch.setattr(NativeStep, "run", lambda *args: calls.append(run(*args)) or calls[-1])
+    spied = "run_drawing" if ahead else "run"
+    if not ahead:
+        one_by_one(monkeypatch)
+    run = getattr(NativeStep, spied)
+    monkeypatch.setattr(NativeStep, spied, lambda *args: calls.append(run(*args)) or calls[-1])
     fused = tokens()
-    assert len(calls) == sum(steps - 1 for _, steps in runs) and all(logits is not None for logits in calls)
+    steps = [len(drawn.tokens) for drawn in calls] if ahead else [1] * len(calls)
+    assert sum(steps) == sum(max([budget] if isinstance(budget, int) else budget) - 1 for _, budget in runs)
+    assert all(result is not None for result in calls)
     torch_path(monkeypatch)
     assert all(torch.equal(a, b) for a, b in zip(fused, tokens()))
+
+
+def _ahead_model(builds, blocks_dir, precision: str = "bfloat16"):
+    lib = _compiled(builds, LOAD_DTYPES[precision])
+    return on_native(load_model(blocks_dir, dtype=LOAD_DTYPES[precision]), precision, lib)
+
+
+def _sampled(model, prompts, steps, seed: int = 3, between=None, **kwargs) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """generate's tokens and its generator's state after; `between(step, generator)` runs after each token."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for token in generate(model, prompts, steps, generator=generator, **kwargs):
+        out.append(token.clone())
+        if between:
+            between(len(out), generator)
+    return out, generator.get_state()
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("top_k", [0, 1, 40])
+def test_tokens_drawn_ahead_are_those_drawn_one_by_one(builds, blocks_dir, monkeypatch, precision, top_k):
+    """Steps run AHEAD_STEPS to a call, each drawing its tokens in C, against next_token's draws one step at a
+    time: the same tokens and generator state, for every top-k (0: the whole vocabulary a candidate), rows
+    that draw the end-of-text token at different steps (each keeps drawing it; the run stops when all have), and
+    a caller that draws from the generator between tokens (the tokens drawn ahead are dropped)."""
+    model = _ahead_model(builds, blocks_dir, precision)
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9]]
+    first, _ = _sampled(model, prompts, 30, temperature=0.8, top_k=top_k)
+    eot = int(first[5][0])  # row 0 ends at step 5 at the latest
+
+    def meddle(step: int, generator: torch.Generator) -> None:
+        if step % 7 == 3:
+            torch.rand(2, generator=generator)
+
+    cases = [(prompts, dict()), (prompts, dict(eot_token=eot)), (prompts[:1], dict(eot_token=eot)),
+             (prompts, dict(between=meddle))]
+    drawn = []
+    run = NativeStep.run_drawing
+    monkeypatch.setattr(NativeStep, "run_drawing", lambda *args: drawn.append(run(*args)) or drawn[-1])
+    ahead = [_sampled(model, batch, 30, temperature=0.8, top_k=top_k, **case) for batch, case in cases]
+    assert sum(len(d.tokens) for d in drawn) >= 60
+    one_by_one(monkeypatch)
+    for (batch, case), (tokens, state) in zip(cases, ahead):
+        expected, expected_state = _sampled(model, batch, 30, temperature=0.8, top_k=top_k, **case)
+        assert torch.equal(torch.stack(tokens), torch.stack(expected)) and torch.equal(state, expected_state)
+    assert all(int(token[0]) == eot for token in ahead[1][0][6:])
+    assert len(ahead[2][0]) <= 6 and int(ahead[2][0][-1][0]) == eot
+
+
+def test_a_draw_too_near_a_tie_is_left_to_next_token(builds, blocks_dir, monkeypatch):
+    """With a margin no ratio beats (all of every weight), C draws nothing: each call computes one step, whose
+    logits next_token draws from, and the tokens are those drawn one by one. A temperature so small that the
+    scaled logits overflow takes the greedy choice the same way."""
+    model = _ahead_model(builds, blocks_dir)
+    prompts = [[1, 2, 3], [4]]
+    monkeypatch.setattr(gpt2.sample, "DRAW_MARGIN", 1.0)
+    drawn = []
+    run = NativeStep.run_drawing
+    monkeypatch.setattr(NativeStep, "run_drawing", lambda *args: drawn.append(run(*args)) or drawn[-1])
+    left = [_sampled(model, prompts, 12, temperature=0.9, top_k=40), _sampled(model, prompts, 6, temperature=1e-38)]
+    assert len(drawn) == 11 + 5 and all(len(d.tokens) == 0 and len(d.logits) == 1 for d in drawn)
+    one_by_one(monkeypatch)
+    expected = [_sampled(model, prompts, 12, temperature=0.9, top_k=40), _sampled(model, prompts, 6, temperature=1e-38)]
+    for (tokens, state), (theirs, their_state) in zip(left, expected):
+        assert torch.equal(torch.stack(tokens), torch.stack(theirs)) and torch.equal(state, their_state)
+
+
+def test_a_generation_closed_early_leaves_the_generator_as_its_last_token_did(builds, blocks_dir, monkeypatch):
+    """A caller that stops after 3 tokens, while 8 were drawn ahead: the generator is where 3 tokens drawn one by
+    one leave it, and the global generator untouched."""
+    model = _ahead_model(builds, blocks_dir)
+    before = torch.default_generator.get_state()
+    states = []
+    for ahead in (True, False):
+        if not ahead:
+            one_by_one(monkeypatch)
+        generator = torch.Generator().manual_seed(5)
+        tokens = generate(model, [[1, 2]], 20, temperature=1.0, top_k=40, generator=generator)
+        states.append([next(tokens) for _ in range(3)] + [generator.get_state()])
+        tokens.close()
+        assert torch.equal(generator.get_state(), states[-1][-1])
+    assert all(torch.equal(a, b) for a, b in zip(*states))
+    assert torch.equal(before, torch.default_generator.get_state())
 
 
 @pytest.mark.parametrize("product", ["block", "head"])
