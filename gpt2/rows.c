@@ -279,11 +279,24 @@ static void gelu(float *x, int64_t n) {
     for (int64_t i = vectors * VL; i < n; i++) x[i] -= x[i] / (exp_1(x[i] * (a + b * x[i] * x[i])) + 1.0f);
 }
 
+/* The sum of v's lanes, in a tree (the attention's dot products; the products' sums stay `sum`). */
+static inline float tree_sum(vf v) {
+#if defined(__x86_64__) && defined(__AVX512F__)
+    return _mm512_reduce_add_ps((__m512)v);
+#elif defined(__x86_64__) && defined(__FMA__) && VBYTES == 32
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
+#else
+    return sum(v);
+#endif
+}
+
 static float dot(const float *a, const float *b, int64_t n) {
     vf acc = {0};
     int64_t i = 0;
     for (; i + VL <= n; i += VL) acc += load_f32(a + i) * load_f32(b + i);
-    float s = sum(acc);
+    float s = tree_sum(acc);
     for (; i < n; i++) s += a[i] * b[i];
     return s;
 }
@@ -310,6 +323,15 @@ static void attention(const struct step *s, const float *qkv, float *kc, float *
         for (; i + VL <= n; i += VL) store_f32(score + i, exp_v(load_f32(score + i) - top));
         for (; i < n; i++) score[i] = exp_1(score[i] - top);
         for (i = 0; i < n; i++) total += score[i];
+        if (D % VL == 0 && D <= 8 * VL) { /* the output in registers */
+            vf o[8] = {0};
+            for (i = 0; i < n; i++) {
+                const float *value = v + keys[i] * D, p = score[i] / total;
+                for (int64_t c = 0; c < D / VL; c++) o[c] += p * load_f32(value + c * VL);
+            }
+            for (int64_t c = 0; c < D / VL; c++) store_f32(out + c * VL, o[c]);
+            continue;
+        }
         for (int64_t d = 0; d < D; d++) out[d] = 0;
         for (i = 0; i < n; i++) {
             const float *value = v + keys[i] * D, p = score[i] / total;
@@ -485,8 +507,13 @@ static int draw_walk(const float *probs, int64_t B, int64_t V, uint8_t *state, i
         if (pending >= 0) status = candidate(probs, pending, V, pending_hi, WORD(word), best, second, tokens);
         pending = -1;
         int64_t e = (word + 1) / 2, end = (word + run) / 2; /* the entries with both words in this run */
-        for (; e < end && status == 0; e++)
+        for (; e < end && status == 0; e++) {
+            if (e + VL <= end && !any(load_f32(probs + e) != splat(0))) { /* VL entries without a candidate */
+                e += VL - 1;
+                continue;
+            }
             if (probs[e] != 0) status = candidate(probs, e, V, WORD(2 * e), WORD(2 * e + 1), best, second, tokens);
+        }
         if ((word + run) % 2 && probs[end] != 0) pending = end, pending_hi = WORD(2 * end); /* lo: the next run's */
 #undef WORD
         word += run, pos += run, avail -= run;

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -170,15 +171,18 @@ def cpu_description() -> str:
     return f"{cpu_name()} ({' '.join(f for f in KERNEL_FLAGS if f in flags) or 'flags unknown'})"
 
 
-def cache_key(precision: str, layout: Layout) -> str:
+def cache_key(precision: str, layout: Layout, candidates: Iterable[str]) -> str:
     """What a measurement depends on: CPU and its instruction sets (as the hardware has them and as torch and
     ISA_VARIABLES let the kernels use them), threads, torch build, precision, the weight's (out, in) and
-    whether it is stored (in, out) (a Conv1D weight as loaded), and how it is measured."""
+    whether it is stored (in, out) (a Conv1D weight as loaded), how it is measured, and the candidates (one
+    that was missing, such as a compiled kernel whose build failed, is measured once it is there)."""
     (out_features, in_features), transposed = layout
     limits = "".join(f"; {name}={os.environ[name]}" for name in ISA_VARIABLES if os.environ.get(name))
+    tried = hashlib.sha256("\n".join(sorted(candidates)).encode()).hexdigest()[:8]
     return (f"{cpu_description()}; ATen {torch.backends.cpu.get_cpu_capability()}{limits} | threads "
             f"{torch.get_num_threads()} | torch {torch.__version__} | {precision} | "
-            f"{out_features}x{in_features}{' stored (in, out)' if transposed else ''} | ranking {RANKING}")
+            f"{out_features}x{in_features}{' stored (in, out)' if transposed else ''} | ranking {RANKING} | "
+            f"candidates {tried}")
 
 
 def cache_file() -> Path:
@@ -367,18 +371,18 @@ def choices_for(precision: str, layouts: Iterable[Layout], mode: str,
     names = {k.name for k in kernels}
     choices, changed = {}, False
     for layout in dict.fromkeys(layouts):
-        key = cache_key(precision, layout)
+        candidates = kernels
+        if layout == head:
+            # The LM head is timed only on forms that later loads do not build and that keep the table's
+            # layout: a packed head would be built again on every load, for longer than the rest of the load
+            # takes, and a transposed one would be a second copy of the table.
+            candidates = head_kernels(precision, kernels)
+            candidates = [k for k in candidates if k.form.kept and not k.form.transposed] or candidates
+        key = cache_key(precision, layout, [k.name for k in candidates])
         choice = Choice.from_json(cached.get(key))
         if choice is None or not set(choice.decode) <= names:
             (out_features, in_features), transposed = layout
             timed = (min(out_features, HEAD_TIMING_ROWS), in_features)
-            candidates = kernels
-            if layout == head:
-                # The LM head is timed only on forms that later loads do not build and that keep the table's
-                # layout: a packed head would be built again on every load, for longer than the rest of the load
-                # takes, and a transposed one would be a second copy of the table.
-                candidates = head_kernels(precision, kernels)
-                candidates = [k for k in candidates if k.form.kept and not k.form.transposed] or candidates
             choice = measure(candidates, timed, TOLERANCE[precision], clock or clock_for_timing, transposed,
                              out_features)
             stored[key], changed = choice.to_json(), True
@@ -462,7 +466,8 @@ def use_cpu_kernels(model: nn.Module, precision: str, mode: str | None = None,
     if precision == "int8":
         from gpt2.quantize import calibrate, keep_the_contract, quantizes_activations, settling_limits
 
-        settling = json.dumps([settling_limits(), sorted(f"{cache_key(precision, layout)}: {', '.join(choice.decode)}"
+        settling = json.dumps([settling_limits(), sorted(f"{cache_key(precision, layout, choice.decode)}: "
+                                                         f"{', '.join(choice.decode)}"
                                                          for layout, choice in choices.items())])
         wanted = [names[id(getattr(parent, name))] for parent, name in places] + ["lm_head"]
         settled = prepared.outcome(settling, wanted) if prepared else None
