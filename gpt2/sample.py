@@ -257,8 +257,25 @@ def generate(model: GPT2LMHeadModel, prompts: Sequence[Sequence[int]], max_new_t
 # Decode steps run in one call of the compiled step by _Ahead, each drawing its token.
 AHEAD_STEPS = 8
 # How far apart torch's probabilities and the weights C draws from (rows.c weights_row) may be, relative, beyond
-# a factor common to a row: C's exp (2 ulp) and torch's (a few), torch's product by 1 / sum, each side's ratio.
+# a factor common to a row: C's exp (2 ulp) and torch's (checked: softmax_within_margin), torch's product by
+# 1 / sum, each side's ratio; a few times what they add up to.
 DRAW_MARGIN = 64 * 2.0**-23
+
+
+@functools.cache
+def softmax_within_margin() -> bool:
+    """Whether this torch's softmax, beyond a factor common to a row, is within a quarter of DRAW_MARGIN of the
+    exact one at every entry of a few filtered rows (its exp is a few ulp off; one far less exact would make
+    _Ahead's margin unsound): once per process, on a generator of its own."""
+    logits = top_k_logits(torch.randn(2, 50257, generator=torch.Generator().manual_seed(4)) * 4, 4000)
+    probs = F.softmax(logits, dim=-1).double()
+    exact = (logits - logits.amax(dim=-1, keepdim=True)).double().exp()  # of the float differences both take
+    for ours, truth in zip(probs, exact):
+        kept = ours > 1e-30  # far from float's subnormals, where relative error grows
+        ratio = ours[kept] / truth[kept]
+        if not bool(ratio.max() / ratio.min() - 1 <= DRAW_MARGIN / 4):
+            return False
+    return True
 
 
 class _Ahead:
@@ -286,7 +303,7 @@ class _Ahead:
         source = torch.default_generator if generator is None else generator
         if temperature <= 0 or top_p < 1 or source.device.type != "cpu" \
                 or model.transformer.wte.weight.device.type != "cpu" or draw_library() is None \
-                or not draw_one_matches_torch(True):
+                or not draw_one_matches_torch(True) or not softmax_within_margin():
             return None
         return cls(model, source, temperature, top_k)
 

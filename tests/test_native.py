@@ -386,6 +386,29 @@ def test_a_draw_too_near_a_tie_is_left_to_next_token(builds, blocks_dir, monkeyp
         assert torch.equal(torch.stack(tokens), torch.stack(theirs)) and torch.equal(state, their_state)
 
 
+def test_a_softmax_less_exact_than_the_margin_allows_keeps_the_draws_one_by_one(builds, blocks_dir, monkeypatch):
+    """A torch whose softmax is 1e-4 off at some entries (the margin assumes a few ulp): the once-per-process check
+    finds it, and generate draws every token with next_token."""
+    softmax = torch.nn.functional.softmax
+
+    def rough(x, dim=None, **kwargs):
+        probs = softmax(x, dim=dim, **kwargs)
+        return probs * (1 + 1e-4 * torch.rand(probs.shape, generator=torch.Generator().manual_seed(0)))
+
+    model = _ahead_model(builds, blocks_dir)
+    monkeypatch.setattr(torch.nn.functional, "softmax", rough)
+    called = []
+    monkeypatch.setattr(NativeStep, "run_drawing", lambda *args: called.append(args))
+    gpt2.sample.softmax_within_margin.cache_clear()
+    try:
+        assert not gpt2.sample.softmax_within_margin()
+        assert len(list(generate(model, [[1, 2]], 4, temperature=1.0, top_k=40))) == 4 and not called
+    finally:
+        gpt2.sample.softmax_within_margin.cache_clear()
+    monkeypatch.undo()
+    assert gpt2.sample.softmax_within_margin()
+
+
 def test_a_generation_closed_early_leaves_the_generator_as_its_last_token_did(builds, blocks_dir, monkeypatch):
     """A caller that stops after 3 tokens, while 8 were drawn ahead: the generator is where 3 tokens drawn one by
     one leave it, and the global generator untouched."""
