@@ -31,6 +31,7 @@ from gpt2.tuning import (
     STEP_NATIVE_MARGIN,
     Choice,
     choices_for,
+    choices_for_a_step,
     default_choice,
     kernels_mode,
     measure,
@@ -290,6 +291,41 @@ def test_the_products_take_the_native_kernels_where_the_whole_step_is_within_the
     assert not step_in_one_call([(near, kernels), (near, kernels[:1])])
     assert near.native_first(kernels[:1]) == near
     assert Choice.from_json(json.loads(json.dumps(near.to_json()))) == near
+
+
+def test_a_step_that_lost_the_call_just_now_is_measured_once_more(clock, empty_cache, monkeypatch):
+    """Products measured just now whose native kernels lose the step's call (a burst of load slowed them) are
+    measured once more, and the second ranking kept; rankings read from the file are not measured again, and
+    a call lost twice stays lost."""
+    timing = costs(3, 3, 3)
+    native = fake_kernel(clock, "native", timing)
+    kernels = [fake_kernel(clock, "a", costs(2, 2, 2)), native]
+    monkeypatch.setitem(gpt2.tuning.NATIVE_RUNS, native.run, False)
+    monkeypatch.setattr(gpt2.tuning, "kernels_for", lambda precision, native: kernels)
+    monkeypatch.setattr(gpt2.tuning, "clock_for_timing", clock)
+    layouts = [(W, False), ((32, 48), False)]
+    modes = []
+    choices_for = gpt2.tuning.choices_for
+
+    def calming(*args, **kwargs):  # the load is gone after the first measurement
+        modes.append(args[2])
+        chosen = choices_for(*args, **kwargs)
+        timing.update(costs(1, 1, 1))
+        return chosen
+
+    monkeypatch.setattr(gpt2.tuning, "choices_for", calming)
+    choices, one_call = choices_for_a_step("float32", layouts, "cached", kernels)
+    assert one_call and modes == ["cached", "tune"] and choices[W, False].decode[0] == "native"
+    modes.clear()
+    timing.update(costs(3, 3, 3))
+    assert choices_for_a_step("float32", layouts, "cached", kernels)[1] and modes == ["cached"]
+    (empty_cache / "kernels.json").unlink()
+    modes.clear()
+    monkeypatch.setattr(gpt2.tuning, "choices_for", lambda *args, **kwargs: modes.append(args[2]) or
+                        choices_for(*args, **kwargs))
+    timing.update(costs(3, 3, 3))
+    choices, one_call = choices_for_a_step("float32", layouts, "cached", kernels)
+    assert not one_call and modes == ["cached", "tune"] and choices[W, False].decode[0] == "a"
 
 
 def test_modes_tune_measures_again_and_default_measures_nothing(fake_kernels, clock, empty_cache):
