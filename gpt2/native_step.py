@@ -79,6 +79,13 @@ class Drawn:
     tokens: Tensor
     states: Tensor
 
+    @classmethod
+    def room(cls, steps: int, rows: int, vocab: int, state_bytes: int) -> Drawn:
+        """Memory for run_drawing's results, kept from one call to the next: states holds the state before the
+        first draw too."""
+        return cls(torch.empty(steps, rows, vocab), torch.empty(steps, rows, dtype=torch.int64),
+                   torch.empty(steps + 1, state_bytes, dtype=torch.uint8))
+
 
 class _Block(ctypes.Structure):
     _fields_ = [("ln_1_weight", ctypes.c_void_p), ("ln_1_bias", ctypes.c_void_p),
@@ -232,17 +239,20 @@ class NativeStep:
 
     def run_drawing(self, idx: Tensor, slot: int, position_ids: Tensor | None, key_valid: Tensor | None,
                     steps: int, temperature: float, top_k: int, eot_token: int | None, finished: Tensor,
-                    state: Tensor, margin: float) -> Drawn | None:
+                    state: Tensor, margin: float, room: Drawn | None = None) -> Drawn | None:
         """Up to `steps` decode steps from the tokens idx (B, 1) at `slot` (the next ones at the next slots and
         positions, the last position held), each step's tokens drawn in the call as gpt2.sample.next_token draws
         them (temperature > 0, no top-p) from a generator in `state` (its get_state()), a row that has drawn
         `eot_token` (finished (B,) bool: already) drawing it again, and fed to the next step. It stops early where
         a row's best ratio does not beat its runner-up by more than `margin` can move them (gpt2.sample._Ahead:
         that step's logits come back undrawn, for the caller to draw), every row has drawn eot_token, or a step
-        would pass the caches' slots. None, with nothing changed, where it cannot run here."""
+        would pass the caches' slots. The results are views of `room` (Drawn.room) where it holds them. None,
+        with nothing changed, where it cannot run here."""
         B, V = idx.size(0), self.n_vocab
-        logits, tokens = torch.empty(steps, B, V), torch.empty(steps, B, dtype=torch.int64)
-        states = torch.empty(steps + 1, state.numel(), dtype=torch.uint8)
+        if room is None or room.logits.size(0) < steps or room.logits.shape[1:] != (B, V) \
+                or room.states.size(1) != state.numel():
+            room = Drawn.room(steps, B, V, state.numel())
+        logits, tokens, states = room.logits, room.tokens, room.states
         states[0] = state
         done = finished.to(torch.uint8)
         sampling = _Sampling(temperature, margin, top_k, -1 if eot_token is None else eot_token, done.data_ptr(),

@@ -570,11 +570,14 @@ static void weights_row(float *y, int64_t V) {
    or 1 (nothing changed) where gpt2.sample must draw them itself (a row whose largest logit is not finite, or
    one of draw_walk's cases, a near-tie among them). */
 static int draw_step(const float *logits, int64_t M, int64_t V, struct sampling *d, uint8_t *state, int64_t *tokens,
-                     float *scratch, float *heap) {
-    for (int64_t m = 0; m < M; m++) {
-        if (filter_row(logits + m * V, V, d->temperature, d->top_k, heap, scratch + m * V)) return 1;
-        weights_row(scratch + m * V, V);
+                     float *scratch, float *heaps, int threads) {
+    int64_t k = d->top_k > 0 ? d->top_k : 1, unfit = 0;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(| : unfit) if (M > 1)
+    for (int64_t m = 0; m < M; m++) { /* the rows' own passes; the draw itself is one stream of the generator */
+        unfit |= filter_row(logits + m * V, V, d->temperature, d->top_k, heaps + m * k, scratch + m * V);
+        if (!unfit) weights_row(scratch + m * V, V);
     }
+    if (unfit) return 1;
     if (draw_walk(scratch, M, V, state, STATE_BYTES, tokens, d->margin)) return 1;
     for (int64_t m = 0; m < M; m++) {
         if (d->eot >= 0 && d->finished[m]) tokens[m] = d->eot;
@@ -602,10 +605,10 @@ int decode_step(const struct block *blocks, int64_t n_layer, const struct embedd
           *qkv = malloc(M * 3 * C * sizeof(float)), *f = malloc(M * inner * sizeof(float)),
           *scores = malloc(M * n_head * slots * sizeof(float));
     float *scratch = d ? malloc(M * n_vocab * sizeof(float)) : NULL,
-          *heap = d ? malloc((d->top_k > 0 ? d->top_k : 1) * sizeof(float)) : NULL;
+          *heaps = d ? malloc(M * (d->top_k > 0 ? d->top_k : 1) * sizeof(float)) : NULL;
     int64_t *at = malloc(M * sizeof(int64_t)), *where = malloc(M * sizeof(int64_t)), *input = malloc(M * sizeof(int64_t));
     int32_t *keys = malloc(M * slots * sizeof(int32_t)), *n_keys = malloc(M * sizeof(int32_t));
-    int status = x && h && qkv && f && scores && at && where && input && keys && n_keys && (!d || (scratch && heap))
+    int status = x && h && qkv && f && scores && at && where && input && keys && n_keys && (!d || (scratch && heaps))
                      ? 0 : -1;
     if (!d) n_steps = 1;
     else d->computed = d->drawn = 0;
@@ -655,14 +658,14 @@ int decode_step(const struct block *blocks, int64_t n_layer, const struct embedd
         d->computed = j + 1;
         uint8_t *state = d->states + (j + 1) * STATE_BYTES;
         memcpy(state, state - STATE_BYTES, STATE_BYTES);
-        if (draw_step(out, M, n_vocab, d, state, d->tokens + j * M, scratch, heap)) break;
+        if (draw_step(out, M, n_vocab, d, state, d->tokens + j * M, scratch, heaps, threads)) break;
         d->drawn = j + 1;
         memcpy(input, d->tokens + j * M, M * sizeof(int64_t));
         int64_t open = 0;
         for (int64_t m = 0; m < M; m++) open |= !d->finished[m];
         if (d->eot >= 0 && !open) break;
     }
-    free(x), free(h), free(qkv), free(f), free(scores), free(scratch), free(heap), free(at), free(where), free(input);
+    free(x), free(h), free(qkv), free(f), free(scores), free(scratch), free(heaps), free(at), free(where), free(input);
     free(keys), free(n_keys);
     return status;
 }

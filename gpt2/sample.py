@@ -295,6 +295,7 @@ class _Ahead:
         self.used = 0  # steps of `drawn` handed out
         self.expected: Tensor | None = None  # the generator's state as the last token handed out left it
         self.logits: Tensor | None = None  # the logits of a step run here whose token next_token draws
+        self.room: Drawn | None = None  # the memory run_drawing writes, kept for the next call
 
     @classmethod
     def of(cls, model: GPT2LMHeadModel, temperature: float, top_k: int, top_p: float,
@@ -311,10 +312,13 @@ class _Ahead:
             eot_token: int | None, finished: Tensor) -> bool:
         """Run the steps after `token` at `slot` (up to `left` of them); False where they cannot run here."""
         step = NativeStep.of(self.model)
+        if step is None:
+            return False
         state = self.source.get_state()
-        drawn = None if step is None else step.run_drawing(
-            token.unsqueeze(1), slot, position, key_valid, min(AHEAD_STEPS, left), self.temperature, self.top_k,
-            eot_token, finished, state, DRAW_MARGIN)
+        if self.room is None:
+            self.room = Drawn.room(AHEAD_STEPS, token.size(0), step.n_vocab, state.numel())
+        drawn = step.run_drawing(token.unsqueeze(1), slot, position, key_valid, min(AHEAD_STEPS, left),
+                                 self.temperature, self.top_k, eot_token, finished, state, DRAW_MARGIN, self.room)
         if drawn is None:
             return False
         self.drawn, self.used, self.expected = drawn, 0, state
@@ -337,7 +341,7 @@ class _Ahead:
                 if torch.equal(self.source.get_state(), self.expected):
                     self.expected = drawn.states[j].clone()  # set_state crashes on a view (torch 2.13)
                     self.source.set_state(self.expected)
-                    return drawn.tokens[j]
+                    return drawn.tokens[j].clone()  # its own: the next call writes the same memory
         self.logits, self.drawn = drawn.logits[j], None  # the steps after this one followed the token drawn here
         return None
 
