@@ -242,8 +242,8 @@ class NativeStep:
                     state: Tensor, margin: float, room: Drawn | None = None) -> Drawn | None:
         """Up to `steps` decode steps from the tokens idx (B, 1) at `slot` (the next ones at the next slots and
         positions, the last position held), each step's tokens drawn in the call as gpt2.sample.next_token draws
-        them (temperature > 0, no top-p) from a generator in `state` (its get_state()), a row that has drawn
-        `eot_token` (finished (B,) bool: already) drawing it again, and fed to the next step. It stops early where
+        them (no top-p; temperature 0 is greedy) from a generator in `state` (its get_state()), a row that has
+        drawn `eot_token` (finished (B,) bool: already) drawing it again, and fed to the next step. It stops early where
         a row's best ratio does not beat its runner-up by more than `margin` can move them (gpt2.sample._Ahead:
         that step's logits come back undrawn, for the caller to draw), every row has drawn eot_token, or a step
         would pass the caches' slots. The results are views of `room` (Drawn.room) where it holds them. None,

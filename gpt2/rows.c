@@ -539,8 +539,8 @@ int draw_rows(const float *probs, int64_t B, int64_t V, uint8_t *state, int64_t 
 
 /* ------------------------------------------------------------------------------------------ the decode step */
 
-/* How decode_step draws each step's tokens, as gpt2.sample.next_token does (temperature > 0, top-p 1): from the
-   generator whose get_state() bytes states[0] holds, the state after step j's draw into states[j + 1]; a row that
+/* How decode_step draws each step's tokens, as gpt2.sample.next_token does (top-p 1; temperature 0: greedy): from
+   the generator whose get_state() bytes states[0] holds, the state after step j's draw into states[j + 1]; a row that
    has drawn `eot` (>= 0) keeps drawing it. `margin`: the relative distance within which the weights drawn from
    (weights_row) and torch's probabilities agree beyond a common factor (draw_walk). The caller reads `computed`
    (steps whose logits were computed) and `drawn` (steps whose tokens were drawn). */
@@ -566,19 +566,41 @@ static void weights_row(float *y, int64_t V) {
     for (; i < V; i++) y[i] = y[i] == -INFINITY ? 0 : exp_1(y[i] - largest);
 }
 
-/* The next tokens (M,) from logits (M, V), into d->tokens, the state into `state`, the finished rows updated: 0,
-   or 1 (nothing changed) where gpt2.sample must draw them itself (a row whose largest logit is not finite, or
-   one of draw_walk's cases, a near-tie among them). */
-static int draw_step(const float *logits, int64_t M, int64_t V, struct sampling *d, uint8_t *state, int64_t *tokens,
-                     float *scratch, float *heaps, int threads) {
+/* tokens (M,) = argmax of each row of logits (M, V), torch's first largest; 1 where a row has a NaN (torch's). */
+static int greedy_rows(const float *logits, int64_t M, int64_t V, int64_t *tokens) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = logits + m * V;
+        float best = -INFINITY;
+        tokens[m] = 0;
+        for (int64_t i = 0; i < V; i++) {
+            if (row[i] != row[i]) return 1;
+            if (row[i] > best) best = row[i], tokens[m] = i;
+        }
+    }
+    return 0;
+}
+
+/* tokens (M,) drawn from logits (M, V) (filter_row, weights_row, draw_walk with d->margin) from `state`; 1 where
+   gpt2.sample must draw them itself. heaps: M * max(top_k, 1) floats. */
+static int sampled_rows(const float *logits, int64_t M, int64_t V, struct sampling *d, uint8_t *state,
+                        int64_t *tokens, float *scratch, float *heaps, int threads) {
     int64_t k = d->top_k > 0 ? d->top_k : 1, unfit = 0;
 #pragma omp parallel for schedule(static) num_threads(threads) reduction(| : unfit) if (M > 1)
     for (int64_t m = 0; m < M; m++) { /* the rows' own passes; the draw itself is one stream of the generator */
         unfit |= filter_row(logits + m * V, V, d->temperature, d->top_k, heaps + m * k, scratch + m * V);
         if (!unfit) weights_row(scratch + m * V, V);
     }
-    if (unfit) return 1;
-    if (draw_walk(scratch, M, V, state, STATE_BYTES, tokens, d->margin)) return 1;
+    return unfit || draw_walk(scratch, M, V, state, STATE_BYTES, tokens, d->margin);
+}
+
+/* The next tokens (M,) from logits (M, V), greedy where d->temperature is 0, into `tokens`, the state into `state`,
+   the finished rows updated: 0, or 1 (nothing changed) where gpt2.sample must draw them itself (a NaN, a row whose
+   largest scaled logit is not finite, or one of draw_walk's cases, a near-tie among them). */
+static int draw_step(const float *logits, int64_t M, int64_t V, struct sampling *d, uint8_t *state, int64_t *tokens,
+                     float *scratch, float *heaps, int threads) {
+    if (d->temperature == 0 ? greedy_rows(logits, M, V, tokens)
+                            : sampled_rows(logits, M, V, d, state, tokens, scratch, heaps, threads))
+        return 1;
     for (int64_t m = 0; m < M; m++) {
         if (d->eot >= 0 && d->finished[m]) tokens[m] = d->eot;
         if (tokens[m] == d->eot) d->finished[m] = 1;

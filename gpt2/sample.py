@@ -280,7 +280,8 @@ def softmax_within_margin() -> bool:
 
 class _Ahead:
     """Decode steps run AHEAD_STEPS to a call of the compiled step (gpt2.native_step), each drawing its tokens in
-    C, so that no Python runs between them (in a bfloat16 step, that Python took as long as the attention).
+    C (or taking the greedy choice, temperature 0), so that no Python runs between them (in a bfloat16 step, that
+    Python took as long as the attention).
 
     The caller sees the tokens and generator states of steps drawn one by one: C draws what next_token draws
     wherever each row's best ratio (draw_one) beats its runner-up by more than the difference between torch's
@@ -302,9 +303,9 @@ class _Ahead:
            generator: torch.Generator | None) -> _Ahead | None:
         """Where this model and sampling can draw ahead (the compiled step decides at each call), else None."""
         source = torch.default_generator if generator is None else generator
-        if temperature <= 0 or top_p < 1 or source.device.type != "cpu" \
+        if temperature < 0 or top_p < 1 or source.device.type != "cpu" \
                 or model.transformer.wte.weight.device.type != "cpu" or draw_library() is None \
-                or not draw_one_matches_torch(True) or not softmax_within_margin():
+                or (temperature > 0 and not (draw_one_matches_torch(True) and softmax_within_margin())):
             return None
         return cls(model, source, temperature, top_k)
 
@@ -336,6 +337,8 @@ class _Ahead:
             return None
         drawn, j = self.drawn, self.used
         self.used += 1
+        if j < drawn.tokens.size(0) and self.temperature == 0:  # greedy: the generator plays no part
+            return drawn.tokens[j].clone()
         if j < drawn.tokens.size(0):
             with DRAW_LOCK:  # as draw_rows: against compiled draws from the same generator in other threads
                 if torch.equal(self.source.get_state(), self.expected):

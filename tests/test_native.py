@@ -368,6 +368,33 @@ def test_tokens_drawn_ahead_are_those_drawn_one_by_one(builds, blocks_dir, monke
     assert len(ahead[2][0]) <= 6 and int(ahead[2][0][-1][0]) == eot
 
 
+def test_greedy_steps_run_ahead_take_the_tokens_taken_one_by_one(builds, blocks_dir, monkeypatch):
+    """Temperature 0: the first largest logit, taken in C, the generator untouched; a NaN in the logits leaves the
+    step to torch's argmax."""
+    model = _ahead_model(builds, blocks_dir)
+    prompts = [[1, 2, 3], [4]]
+    drawn = []
+    run = NativeStep.run_drawing
+    monkeypatch.setattr(NativeStep, "run_drawing", lambda *args: drawn.append(run(*args)) or drawn[-1])
+    ahead = [_sampled(model, prompts, 20, temperature=0.0)]
+    assert sum(len(d.tokens) for d in drawn) == 19
+    bias = float(model.transformer.ln_f.bias[5])
+    with torch.no_grad():
+        model.transformer.ln_f.bias[5] = float("nan")
+    drawn.clear()
+    ahead.append(_sampled(model, prompts, 4, temperature=0.0))
+    assert [len(d.tokens) for d in drawn] == [0, 0, 0]
+    one_by_one(monkeypatch)
+    expected = [_sampled(model, prompts, 4, temperature=0.0)]
+    with torch.no_grad():
+        model.transformer.ln_f.bias[5] = bias
+    expected.insert(0, _sampled(model, prompts, 20, temperature=0.0))
+    untouched = torch.Generator().manual_seed(3).get_state()
+    for (tokens, state), (theirs, their_state) in zip(ahead, expected):
+        assert torch.equal(torch.stack(tokens), torch.stack(theirs)) and torch.equal(state, untouched)
+        assert torch.equal(their_state, untouched)
+
+
 def test_a_draw_too_near_a_tie_is_left_to_next_token(builds, blocks_dir, monkeypatch):
     """With a margin no ratio beats (all of every weight), C draws nothing: each call computes one step, whose
     logits next_token draws from, and the tokens are those drawn one by one. A temperature so small that the
