@@ -291,12 +291,15 @@ class _Ahead:
     step's logits drawn from by next_token."""
 
     def __init__(self, model: GPT2LMHeadModel, source: torch.Generator, temperature: float, top_k: int) -> None:
-        self.model, self.source, self.temperature, self.top_k = model, source, temperature, top_k
+        self.model: GPT2LMHeadModel | None = model  # None once a call could not run
+        self.source, self.temperature, self.top_k = source, temperature, top_k
         self.drawn: Drawn | None = None
         self.used = 0  # steps of `drawn` handed out
         self.expected: Tensor | None = None  # the generator's state as the last token handed out left it
         self.logits: Tensor | None = None  # the logits of a step run here whose token next_token draws
         self.room: Drawn | None = None  # the memory run_drawing writes, kept for the next call
+        self.step: NativeStep | None = None  # the table `drawn` was run on, and where its first step ran
+        self.slot, self.position, self.key_valid = 0, None, None
 
     @classmethod
     def of(cls, model: GPT2LMHeadModel, temperature: float, top_k: int, top_p: float,
@@ -311,9 +314,11 @@ class _Ahead:
 
     def run(self, token: Tensor, slot: int, position: Tensor | None, key_valid: Tensor | None, left: int,
             eot_token: int | None, finished: Tensor) -> bool:
-        """Run the steps after `token` at `slot` (up to `left` of them); False where they cannot run here."""
-        step = NativeStep.of(self.model)
+        """Run the steps after `token` at `slot` (up to `left` of them); False where they cannot run here (nor,
+        then, later in this generation: the model's own step runs each one)."""
+        step = None if self.model is None else NativeStep.of(self.model)
         if step is None:
+            self.model = None
             return False
         state = self.source.get_state()
         if self.room is None:
@@ -321,8 +326,10 @@ class _Ahead:
         drawn = step.run_drawing(token.unsqueeze(1), slot, position, key_valid, min(AHEAD_STEPS, left),
                                  self.temperature, self.top_k, eot_token, finished, state, DRAW_MARGIN, self.room)
         if drawn is None:
+            self.model = None
             return False
         self.drawn, self.used, self.expected = drawn, 0, state
+        self.step, self.slot, self.position, self.key_valid = step, slot, position, key_valid
         return True
 
     def waiting(self) -> bool:
@@ -337,6 +344,9 @@ class _Ahead:
             return None
         drawn, j = self.drawn, self.used
         self.used += 1
+        if j and NativeStep.of(self.model) is not self.step:  # the caller changed the model or hooked it
+            self.logits, self.drawn = self._again(drawn.tokens[j - 1], j), None
+            return None
         if j < drawn.tokens.size(0) and self.temperature == 0:  # greedy: the generator plays no part
             return drawn.tokens[j].clone()
         if j < drawn.tokens.size(0):
@@ -347,6 +357,12 @@ class _Ahead:
                     return drawn.tokens[j].clone()  # its own: the next call writes the same memory
         self.logits, self.drawn = drawn.logits[j], None  # the steps after this one followed the token drawn here
         return None
+
+    def _again(self, token: Tensor, j: int) -> Tensor:
+        """The logits of the call's step j (fed `token`), run again by the model itself, as the caller's step
+        after a change to the model would have run it."""
+        position = None if self.position is None else (self.position + j).clamp(max=self.model.config.n_positions - 1)
+        return _decode_step(self.model, token, self.slot + j, position, self.key_valid)
 
 
 @torch.inference_mode()

@@ -395,6 +395,40 @@ def test_greedy_steps_run_ahead_take_the_tokens_taken_one_by_one(builds, blocks_
         assert torch.equal(their_state, untouched)
 
 
+@pytest.mark.parametrize("change", ["parameter", "hook"])
+def test_a_model_changed_between_tokens_drawn_ahead_decodes_as_changed(builds, blocks_dir, monkeypatch, change):
+    """A caller that replaces a layer norm's weight after the fourth token (or hooks a block's MLP), while
+    tokens drawn ahead wait: the steps after it run on the changed model, as when drawn one by one, and the hook
+    sees each of them."""
+    model = _ahead_model(builds, blocks_dir)
+    original = model.transformer.h[1].ln_2.weight
+    seen = []
+
+    def meddle(step: int, generator: torch.Generator) -> None:
+        if step != 4:
+            return
+        if change == "parameter":
+            model.transformer.h[1].ln_2.weight = torch.nn.Parameter(torch.linspace(-2, 2, 64), requires_grad=False)
+        else:
+            meddle.hook = model.transformer.h[1].mlp.register_forward_hook(lambda *args: seen.append(args[2].shape))
+
+    def sampled() -> tuple[list[torch.Tensor], torch.Tensor]:
+        model.transformer.h[1].ln_2.weight = original
+        try:
+            return _sampled(model, [[1, 2, 3], [4]], 16, between=meddle, temperature=0.9, top_k=40)
+        finally:
+            if change == "hook":
+                meddle.hook.remove()
+
+    ahead = sampled()
+    hooked_ahead, seen[:] = list(seen), []
+    one_by_one(monkeypatch)
+    expected = sampled()
+    assert torch.equal(torch.stack(ahead[0]), torch.stack(expected[0])) and torch.equal(ahead[1], expected[1])
+    if change == "hook":
+        assert hooked_ahead == seen == [(2, 1, 64)] * 12
+
+
 def test_a_draw_too_near_a_tie_is_left_to_next_token(builds, blocks_dir, monkeypatch):
     """With a margin no ratio beats (all of every weight), C draws nothing: each call computes one step, whose
     logits next_token draws from, and the tokens are those drawn one by one. A temperature so small that the
