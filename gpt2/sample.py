@@ -288,7 +288,8 @@ class _Ahead:
     softmax and the weights C draws from could move them, and leaves the step to next_token otherwise. Each
     token drawn ahead is handed out with the generator set to its state after that draw; where the generator
     has moved since (the caller drew from it between two tokens), the tokens drawn ahead are dropped and the
-    step's logits drawn from by next_token."""
+    step's logits drawn from by next_token; where the model has changed (a replaced parameter, a hook), they are
+    dropped and the step run again by the model."""
 
     def __init__(self, model: GPT2LMHeadModel, source: torch.Generator, temperature: float, top_k: int) -> None:
         self.model: GPT2LMHeadModel | None = model  # None once a call could not run
