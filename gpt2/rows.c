@@ -354,7 +354,8 @@ struct embeddings {
 /* gpt2.sample's draw after a step, in two passes where torch takes a dozen ops: before its softmax, the logits
    over the temperature with all but each row's top k set to -inf; after it, torch.multinomial(probs, 1) from
    torch's CPU generator, the same token and the same generator state as torch's (the caller checks that once
-   per process against torch itself). */
+   per process against torch itself). decode_step draws with the same code between the steps it runs ahead,
+   from weights of its own in place of torch's softmax (draw_step). */
 
 static inline int any(vi mask) {
     int32_t lanes[VL];
