@@ -254,7 +254,9 @@ def generate(model: GPT2LMHeadModel, prompts: Sequence[Sequence[int]], max_new_t
         model.clear_caches()
 
 
-# Decode steps run in one call of the compiled step by _Ahead, each drawing its token.
+# Decode steps run in one call of the compiled step by _Ahead, each drawing its token: 2 in a generation's first
+# call, twice as many in each next one up to AHEAD_STEPS. A caller that stops early (a stop string) leaves the
+# steps run past its last token unused, so a short sample wastes few.
 AHEAD_STEPS = 8
 # How far apart torch's probabilities and the weights C draws from (rows.c weights_row) may be, relative, beyond
 # a factor common to a row: C's exp (2 ulp) and torch's (checked: softmax_within_margin), torch's product by
@@ -279,7 +281,7 @@ def softmax_within_margin() -> bool:
 
 
 class _Ahead:
-    """Decode steps run AHEAD_STEPS to a call of the compiled step (gpt2.native_step), each drawing its tokens in
+    """Decode steps run up to AHEAD_STEPS to a call of the compiled step (gpt2.native_step), each drawing its tokens in
     C (or taking the greedy choice, temperature 0), so that no Python runs between them (in a bfloat16 step, that
     Python took as long as the attention).
 
@@ -301,6 +303,7 @@ class _Ahead:
         self.room: Drawn | None = None  # the memory run_drawing writes, kept for the next call
         self.step: NativeStep | None = None  # the table `drawn` was run on, and where its first step ran
         self.slot, self.position, self.key_valid = 0, None, None
+        self.size = 2  # steps in the next call
 
     @classmethod
     def of(cls, model: GPT2LMHeadModel, temperature: float, top_k: int, top_p: float,
@@ -324,11 +327,12 @@ class _Ahead:
         state = self.source.get_state()
         if self.room is None:
             self.room = Drawn.room(AHEAD_STEPS, token.size(0), step.n_vocab, state.numel())
-        drawn = step.run_drawing(token.unsqueeze(1), slot, position, key_valid, min(AHEAD_STEPS, left),
+        drawn = step.run_drawing(token.unsqueeze(1), slot, position, key_valid, min(self.size, left),
                                  self.temperature, self.top_k, eot_token, finished, state, DRAW_MARGIN, self.room)
         if drawn is None:
             self.model = None
             return False
+        self.size = min(2 * self.size, AHEAD_STEPS)
         self.drawn, self.used, self.expected = drawn, 0, state
         self.step, self.slot, self.position, self.key_valid = step, slot, position, key_valid
         return True
