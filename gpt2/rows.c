@@ -20,7 +20,8 @@
 #endif
 
 /* x is taken XROWS rows at a time (a decode step of up to 8 prompts reads each weight once), against R weight rows
-   at once, in tiles of as many of them as ACC accumulators allow (half the vector registers). */
+   at once, in tiles of as many of them as ACC accumulators (half the vector registers) and the registers for a
+   line of each weight row (NV vectors) allow. */
 #if defined(__AVX512F__)
 #define VBYTES 64
 #define ACC 16
@@ -30,7 +31,8 @@
 #endif
 #define XROWS 8
 #define R 4             /* weight rows per tile */
-#define TILE_ROWS(xrows) ((xrows) * 4 <= ACC ? 4 : (xrows) * 2 <= ACC ? 2 : 1)
+#define FITS(rows, xrows) ((rows) * (xrows) <= ACC && (rows) * ((xrows) + NV) + 2 <= 2 * ACC)
+#define TILE_ROWS(xrows) (FITS(4, xrows) ? 4 : FITS(2, xrows) ? 2 : 1)
 #define VL (VBYTES / 4) /* floats per vector */
 #define AHEAD 4         /* weight rows prefetched ahead (tile) */
 #define STREAM_AHEAD 2048 /* bytes prefetched ahead (streamed_dot) */
@@ -124,6 +126,19 @@ typedef uint16_t BIAS;
 #else
 #error "build with one of -DROWS_F32, -DROWS_BF16, -DROWS_I8"
 #endif
+#define LINE (64 / (int)sizeof(W)) /* weights per cache line, a multiple of VL */
+#define NV (LINE / VL)             /* vectors per cache line */
+
+/* acc + x . w over one cache line of a weight row (its NV vectors, widened, in wv): a line of one vector is one
+   fused multiply-add into acc; a longer one is summed on its own (its vectors' products in turn) and then added,
+   so that a row's sum waits on one add per line instead of NV multiply-adds (an int8 row read a fourth as fast
+   as memory, hot in the core's cache, with its 4 in a chain). Every product kernel sums a row's lines so. */
+static inline vf line_fma(const vf *wv, const float *x, vf acc) {
+    if (NV == 1) return fma_v(wv[0], load_f32(x), acc);
+    vf part = wv[0] * load_f32(x);
+    for (int v = 1; v < NV; v++) part = fma_v(wv[v], load_f32(x + v * VL), part);
+    return acc + part;
+}
 
 /* One weight (N, K) and what its product adds: int8's bfloat16 row scales, the bias (NULL: none), and int8's
    outlier input dimensions (gpt2.quantize), whose weight columns (N, n_outliers) stay float32. */
@@ -141,19 +156,16 @@ struct product {
    stay in registers). A weight row is prefetched once per cache line, AHEAD rows ahead. */
 static inline __attribute__((always_inline)) void tile(const float *x, const W *w, float *out, int64_t K, int64_t n,
                                                        int64_t m, const int rows, const int xrows) {
-    enum { LINE = 64 / sizeof(W) }; /* weights per cache line, a multiple of VL */
     vf acc[R][XROWS] = {0};
     int64_t k = 0;
     for (; k + LINE <= K; k += LINE) {
-        for (int r = 0; r < rows; r++) __builtin_prefetch(w + (n + r + AHEAD) * K + k, 0, 3);
-        for (int v = 0; v < LINE; v += VL) {
-            vf wv[R];
-            for (int r = 0; r < rows; r++) wv[r] = LOAD(w + (n + r) * K + k + v);
-            for (int j = 0; j < xrows; j++) {
-                vf xv = load_f32(x + (m + j) * K + k + v);
-                for (int r = 0; r < rows; r++) acc[r][j] = fma_v(wv[r], xv, acc[r][j]);
-            }
+        vf wv[R][NV];
+        for (int r = 0; r < rows; r++) {
+            __builtin_prefetch(w + (n + r + AHEAD) * K + k, 0, 3);
+            for (int v = 0; v < NV; v++) wv[r][v] = LOAD(w + (n + r) * K + k + v * VL);
         }
+        for (int j = 0; j < xrows; j++)
+            for (int r = 0; r < rows; r++) acc[r][j] = line_fma(wv[r], x + (m + j) * K + k, acc[r][j]);
     }
     for (int r = 0; r < rows; r++)
         for (int j = 0; j < xrows; j++) {
@@ -163,18 +175,19 @@ static inline __attribute__((always_inline)) void tile(const float *x, const W *
         }
 }
 
-/* x . w over K, summed as `tile` sums a row (one accumulator, a cache line at a time, then the tail), so that a row's
+/* x . w over K, summed as `tile` sums a row (one accumulator, line_fma a cache line at a time, then the tail), so that a row's
    result is the same bits whatever the rows of its step; but one weight row after another, the line STREAM_AHEAD
    bytes ahead prefetched, so that a thread whose weight rows follow each other in memory reads one linear stream
    (the rows' sums overlap out of order). Which of this and `tile` streams faster from memory depends on the CPU's
    prefetchers (gpt2.kernels has a candidate of each). */
 static inline float streamed_dot(const float *x, const W *w, int64_t K) {
-    enum { LINE = 64 / sizeof(W) };
     vf acc = {0};
     int64_t k = 0;
     for (; k + LINE <= K; k += LINE) {
         __builtin_prefetch((const char *)(w + k) + STREAM_AHEAD, 0, 3);
-        for (int v = 0; v < LINE; v += VL) acc = fma_v(LOAD(w + k + v), load_f32(x + k + v), acc);
+        vf wv[NV];
+        for (int v = 0; v < NV; v++) wv[v] = LOAD(w + k + v * VL);
+        acc = line_fma(wv, x + k, acc);
     }
     float s = sum(acc);
     for (; k < K; k++) s = __builtin_fmaf(x[k], WIDEN(w[k]), s);
