@@ -31,7 +31,7 @@
 #endif
 #define XROWS 8
 #define R 4             /* weight rows per tile */
-#define FITS(rows, xrows) ((rows) * (xrows) <= ACC && (rows) * ((xrows) + NV) + 2 <= 2 * ACC)
+#define FITS(rows, xrows) ((rows) * (xrows) <= ACC && (NV <= 2 || (rows) * ((xrows) + NV) + 2 <= 2 * ACC))
 #define TILE_ROWS(xrows) (FITS(4, xrows) ? 4 : FITS(2, xrows) ? 2 : 1)
 #define VL (VBYTES / 4) /* floats per vector */
 #define AHEAD 4         /* weight rows prefetched ahead (tile) */
@@ -129,12 +129,17 @@ typedef uint16_t BIAS;
 #define LINE (64 / (int)sizeof(W)) /* weights per cache line, a multiple of VL */
 #define NV (LINE / VL)             /* vectors per cache line */
 
-/* acc + x . w over one cache line of a weight row (its NV vectors, widened, in wv): a line of one vector is one
-   fused multiply-add into acc; a longer one is summed on its own (its vectors' products in turn) and then added,
-   so that a row's sum waits on one add per line instead of NV multiply-adds (an int8 row read a fourth as fast
-   as memory, hot in the core's cache, with its 4 in a chain). Every product kernel sums a row's lines so. */
+/* acc + x . w over one cache line of a weight row (its NV vectors, widened, in wv), as every product kernel sums
+   a row's lines: a line of up to 2 vectors in fused multiply-adds into acc, in turn; a longer one (int8, and
+   bfloat16 with AVX2) summed on its own and then added, so that a row's sum waits on one add per line instead of
+   a chain of NV multiply-adds (an int8 row, hot in the core's cache, read at 38 GB/s with its 4 in a chain, 56
+   without). Lines of 2 keep the chain: the line's own sum took a third more arithmetic, and a bfloat16 step of
+   8 rows, bound by it, read at 17 GB/s instead of 24. */
 static inline vf line_fma(const vf *wv, const float *x, vf acc) {
-    if (NV == 1) return fma_v(wv[0], load_f32(x), acc);
+    if (NV <= 2) {
+        for (int v = 0; v < NV; v++) acc = fma_v(wv[v], load_f32(x + v * VL), acc);
+        return acc;
+    }
     vf part = wv[0] * load_f32(x);
     for (int v = 1; v < NV; v++) part = fma_v(wv[v], load_f32(x + v * VL), part);
     return acc + part;
@@ -159,11 +164,21 @@ static inline __attribute__((always_inline)) void tile(const float *x, const W *
     vf acc[R][XROWS] = {0};
     int64_t k = 0;
     for (; k + LINE <= K; k += LINE) {
-        vf wv[R][NV];
-        for (int r = 0; r < rows; r++) {
-            __builtin_prefetch(w + (n + r + AHEAD) * K + k, 0, 3);
-            for (int v = 0; v < NV; v++) wv[r][v] = LOAD(w + (n + r) * K + k + v * VL);
+        for (int r = 0; r < rows; r++) __builtin_prefetch(w + (n + r + AHEAD) * K + k, 0, 3);
+        if (NV <= 2) { /* line_fma's chain, a vector at a time across the tile: each x vector loaded once */
+            for (int v = 0; v < NV; v++) {
+                vf wv[R];
+                for (int r = 0; r < rows; r++) wv[r] = LOAD(w + (n + r) * K + k + v * VL);
+                for (int j = 0; j < xrows; j++) {
+                    vf xv = load_f32(x + (m + j) * K + k + v * VL);
+                    for (int r = 0; r < rows; r++) acc[r][j] = fma_v(wv[r], xv, acc[r][j]);
+                }
+            }
+            continue;
         }
+        vf wv[R][NV];
+        for (int r = 0; r < rows; r++)
+            for (int v = 0; v < NV; v++) wv[r][v] = LOAD(w + (n + r) * K + k + v * VL);
         for (int j = 0; j < xrows; j++)
             for (int r = 0; r < rows; r++) acc[r][j] = line_fma(wv[r], x + (m + j) * K + k, acc[r][j]);
     }
