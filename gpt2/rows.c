@@ -405,9 +405,11 @@ static void sift_down(float *heap, int64_t k, int64_t i) {
 }
 
 /* y (V,) = logits / temperature, with the entries below the k-th largest set to -inf (k < 1 or k >= V: none), as
-   torch computes `masked_fill(scaled < topk(scaled, k).values[..., -1:], -inf)`; heap: k floats. Returns 0, or 1
-   where the largest is not finite (NaN or inf: the caller takes the greedy choice). */
-static int filter_row(const float *in, int64_t V, float temperature, int64_t k, float *heap, float *out) {
+   torch computes `masked_fill(scaled < topk(scaled, k).values[..., -1:], -inf)`; heap: k floats; the largest
+   into *top_out where it is not NULL. Returns 0, or 1 where the largest is not finite (NaN or inf: the caller takes
+   the greedy choice). */
+static int filter_row(const float *in, int64_t V, float temperature, int64_t k, float *heap, float *out,
+                      float *top_out) {
     vf top = splat(-INFINITY);
     vi nan = {0};
     int64_t i = 0;
@@ -425,6 +427,7 @@ static int filter_row(const float *in, int64_t V, float temperature, int64_t k, 
         largest = out[i] > largest ? out[i] : largest;
     }
     if (any(nan) || !isfinite(largest)) return 1;
+    if (top_out) *top_out = largest;
     if (k < 1 || k >= V) return 0;
     /* the k largest in a min-heap, whose root is then the k-th largest */
     memcpy(heap, out, k * sizeof(float));
@@ -452,7 +455,7 @@ int top_k_filter(const float *logits, int64_t B, int64_t V, float temperature, i
     float *heap = k > 0 && k < V ? malloc(k * sizeof(float)) : NULL;
     if (k > 0 && k < V && !heap) return -1;
     int status = 0;
-    for (int64_t b = 0; b < B && status == 0; b++) status = filter_row(logits + b * V, V, temperature, k, heap, y + b * V);
+    for (int64_t b = 0; b < B && status == 0; b++) status = filter_row(logits + b * V, V, temperature, k, heap, y + b * V, NULL);
     free(heap);
     return status;
 }
@@ -582,10 +585,9 @@ struct sampling {
     int64_t computed, drawn;
 };
 
-/* y (V,) filtered (filter_row) -> exp(y - largest), 0 where y is -inf: torch's softmax times the sum of these. */
-static void weights_row(float *y, int64_t V) {
-    float largest = -INFINITY;
-    for (int64_t i = 0; i < V; i++) largest = y[i] > largest ? y[i] : largest;
+/* y (V,) filtered (filter_row, which found its `largest`) -> exp(y - largest), 0 where y is -inf: torch's softmax
+   times the sum of these. */
+static void weights_row(float *y, int64_t V, float largest) {
     vf top = splat(largest), none = splat(-INFINITY), zero = splat(0);
     int64_t i = 0;
     for (; i + VL <= V; i += VL) {
@@ -616,8 +618,9 @@ static int sampled_rows(const float *logits, int64_t M, int64_t V, struct sampli
     int64_t k = d->top_k > 0 ? d->top_k : 1, unfit = 0;
 #pragma omp parallel for schedule(static) num_threads(threads) reduction(| : unfit) if (M > 1)
     for (int64_t m = 0; m < M; m++) { /* the rows' own passes; the draw itself is one stream of the generator */
-        unfit |= filter_row(logits + m * V, V, d->temperature, d->top_k, heaps + m * k, scratch + m * V);
-        if (!unfit) weights_row(scratch + m * V, V);
+        float largest = 0;
+        unfit |= filter_row(logits + m * V, V, d->temperature, d->top_k, heaps + m * k, scratch + m * V, &largest);
+        if (!unfit) weights_row(scratch + m * V, V, largest);
     }
     return unfit || draw_walk(scratch, M, V, state, STATE_BYTES, tokens, d->margin);
 }
