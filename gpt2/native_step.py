@@ -295,7 +295,8 @@ class NativeStep:
 
 
 def _alias(product: Product) -> Product:
-    return Product(*(None if tensor is None else tensor.detach() for tensor in product.tensors()))
+    return Product(*(None if tensor is None else tensor.detach() for tensor in product.tensors()),
+                   stream=product.stream)
 
 
 def _cache_fits(tensor: Tensor, shape: tuple[int, ...]) -> bool:

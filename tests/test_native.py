@@ -292,6 +292,20 @@ def test_a_decode_step_in_one_call_equals_the_torch_path(builds, blocks_dir, mon
         assert torch.allclose(k, cache.k, atol=1e-5) and torch.allclose(v, cache.v, atol=1e-5)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_step_reads_each_weight_as_its_chosen_kernel_does(builds, blocks_dir, monkeypatch, stream):
+    """The table decode_step reads says, for every product, whether one row streams its weight: as the kernel
+    the tuner chose for it does. (It once said "tiles" for all, so the streaming kernel the tuner timed as the
+    fastest never ran in a step.)"""
+    lib = _compiled(builds, torch.bfloat16)
+    monkeypatch.setattr(gpt2.native_step, "library", lambda _: lib)
+    model = on_native(load_model(blocks_dir, dtype=torch.bfloat16), "bfloat16", lib, stream)
+    step = NativeStep.of(model)
+    flags = [getattr(entry, name).stream for entry in step.table
+             for name in ("c_attn", "attn_proj", "c_fc", "mlp_proj")] + [step._head_struct.stream]
+    assert flags == [int(stream)] * (4 * len(model.transformer.h) + 1)
+
+
 @pytest.mark.parametrize("stream, ahead", [(False, True), (True, True), (False, False)])
 def test_seeded_tokens_are_those_of_the_torch_path(builds, blocks_dir, monkeypatch, stream, ahead):
     """Prompts of different lengths (left padding, masked), sampled, in batches of 3, 1 and 6 rows, a run whose
