@@ -158,13 +158,14 @@ struct product {
 };
 
 /* out[j * R + r] = x[m + j] . w[n + r] for r < rows, j < xrows (constants where inlined, so the accumulators
-   stay in registers). A weight row is prefetched once per cache line, AHEAD rows ahead. */
+   stay in registers). A weight row is prefetched once per cache line, AHEAD rows ahead, into L2 only (on a Zen 4
+   EPYC, float32 steps of 4 and 8 rows ran 1.5x and 1.3x as fast as with prefetches into L1). */
 static inline __attribute__((always_inline)) void tile(const float *x, const W *w, float *out, int64_t K, int64_t n,
                                                        int64_t m, const int rows, const int xrows) {
     vf acc[R][XROWS] = {0};
     int64_t k = 0;
     for (; k + LINE <= K; k += LINE) {
-        for (int r = 0; r < rows; r++) __builtin_prefetch(w + (n + r + AHEAD) * K + k, 0, 3);
+        for (int r = 0; r < rows; r++) __builtin_prefetch(w + (n + r + AHEAD) * K + k, 0, 2);
         if (NV <= 2) { /* line_fma's chain, a vector at a time across the tile: each x vector loaded once */
             for (int v = 0; v < NV; v++) {
                 vf wv[R];
