@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -195,6 +195,11 @@ class Product:
 
     def tensors(self) -> tuple[Tensor | None, ...]:
         return self.weight, self.bias, self.scales, self.outliers, self.columns
+
+    def detached(self) -> Product:
+        """The same product on detached views of its tensors, every other field as it is."""
+        return replace(self, **{field.name: getattr(self, field.name).detach() for field in fields(self)
+                                if isinstance(getattr(self, field.name), Tensor)})
 
     def check(self, x: Tensor | None = None) -> None:
         """ValueError unless the operands fit rows.c (and x (rows, in) float32 where given)."""

@@ -150,8 +150,8 @@ class NativeStep:
         self.table = (_Block * len(products))()
         # The memory the table points into, held by tensors of its own: a parameter given other data (`.data =`)
         # leaves them alive.
-        self._products = [[_alias(p) for p in block] for block in products]
-        self._head = _alias(head)
+        self._products = [[p.detached() for p in block] for block in products]
+        self._head = head.detached()
         self._head_struct = _Product(*self._head.pointers())
         self._norms = [[getattr(block, norm).weight.detach(), getattr(block, norm).bias.detach()]
                        for block in model.transformer.h for norm in ("ln_1", "ln_2")]
@@ -292,11 +292,6 @@ class NativeStep:
             config.layer_norm_epsilon, torch.get_num_threads(), steps,
             None if sampling is None else ctypes.byref(sampling))
         return not failed
-
-
-def _alias(product: Product) -> Product:
-    return Product(*(None if tensor is None else tensor.detach() for tensor in product.tensors()),
-                   stream=product.stream)
 
 
 def _cache_fits(tensor: Tensor, shape: tuple[int, ...]) -> bool:

@@ -194,8 +194,9 @@ static inline __attribute__((always_inline)) void tile(const float *x, const W *
 /* x . w over K, summed as `tile` sums a row (one accumulator, line_fma a cache line at a time, then the tail), so that a row's
    result is the same bits whatever the rows of its step; but one weight row after another, the line STREAM_AHEAD
    bytes ahead prefetched into L2, so that a thread whose weight rows follow each other in memory reads one linear
-   stream (the rows' sums overlap out of order; on a Zen 4 EPYC, 2 KB ahead into L1 ran whole steps at 0.8-0.9x). Which of this and `tile` streams faster from memory depends on the CPU's
-   prefetchers (gpt2.kernels has a candidate of each). */
+   stream (the rows' sums overlap out of order; on a Zen 4 EPYC, 2 KB ahead into L1 ran whole steps at 0.8-0.9x).
+   Which of this and `tile` streams faster from memory depends on the CPU's prefetchers (gpt2.kernels has a
+   candidate of each). */
 static inline float streamed_dot(const float *x, const W *w, int64_t K) {
     vf acc = {0};
     int64_t k = 0;
