@@ -193,9 +193,6 @@ class Product:
         quantized, scales, bias, outliers, columns = stored
         return cls.of(quantized, bias, scales, outliers, columns, stream)
 
-    def tensors(self) -> tuple[Tensor | None, ...]:
-        return self.weight, self.bias, self.scales, self.outliers, self.columns
-
     def detached(self) -> Product:
         """The same product on detached views of its tensors, every other field as it is."""
         return replace(self, **{field.name: getattr(self, field.name).detach() for field in fields(self)
