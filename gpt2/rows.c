@@ -34,7 +34,7 @@
 #define FITS(rows, xrows) ((rows) * (xrows) <= ACC && (NV <= 2 || (rows) * ((xrows) + NV) + 2 <= 2 * ACC))
 #define TILE_ROWS(xrows) (FITS(4, xrows) ? 4 : FITS(2, xrows) ? 2 : 1)
 #define VL (VBYTES / 4) /* floats per vector */
-#define AHEAD 4         /* weight rows prefetched ahead (tile) */
+#define AHEAD 4         /* weight rows prefetched ahead (the tiles) */
 #define STREAM_AHEAD 4096 /* bytes prefetched ahead (streamed_dot) */
 
 typedef float vf __attribute__((vector_size(VBYTES), aligned(4)));
@@ -75,8 +75,23 @@ static inline vf fma_v(vf a, vf b, vf c) {
     return r;
 #endif
 }
-static inline float sum(vf v) { float s = 0; for (int i = 0; i < VL; i++) s += v[i]; return s; }
 static inline vf pick(vi mask, vf yes, vf no) { return (vf)((mask & (vi)yes) | (~mask & (vi)no)); }
+/* The sum of v's lanes, in a tree: the attention's dot products, and every product kernel's rows alike (lane by lane,
+   the 16 sums that end a tile of 8 rows are 240 dependent adds, against 768 multiply-adds for a 768-long row). */
+static inline float tree_sum(vf v) {
+#if defined(__x86_64__) && defined(__AVX512F__)
+    return _mm512_reduce_add_ps((__m512)v);
+#elif defined(__x86_64__) && defined(__FMA__) && VBYTES == 32
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
+#else
+    float s = 0;
+    for (int i = 0; i < VL; i++) s += v[i];
+    return s;
+#endif
+}
+
 
 /* e**x, within 2 ulp (Cephes' expf: x = n ln 2 + r, |r| <= ln 2 / 2, a polynomial in r times 2**n); x is
    clamped to [-87, 88], where 2**n is a normal float. */
@@ -157,45 +172,59 @@ struct product {
     int64_t stream; /* one x row: weight rows in turn (streamed_dot), else R at a time (tile) */
 };
 
-/* out[j * R + r] = x[m + j] . w[n + r] for r < rows, j < xrows (constants where inlined, so the accumulators
-   stay in registers). A weight row is prefetched once per cache line, AHEAD rows ahead, into L2 only (on a Zen 4
-   EPYC, float32 steps of 4 and 8 rows ran 1.5x and 1.3x as fast as with prefetches into L1). */
-static inline __attribute__((always_inline)) void tile(const float *x, const W *w, float *out, int64_t K, int64_t n,
-                                                       int64_t m, const int rows, const int xrows) {
-    vf acc[R][XROWS] = {0};
-    int64_t k = 0;
-    for (; k + LINE <= K; k += LINE) {
-        for (int r = 0; r < rows; r++) __builtin_prefetch(w + (n + r + AHEAD) * K + k, 0, 2);
-        if (NV <= 2) { /* line_fma's chain, a vector at a time across the tile: each x vector loaded once */
-            for (int v = 0; v < NV; v++) {
-                vf wv[R];
-                for (int r = 0; r < rows; r++) wv[r] = LOAD(w + (n + r) * K + k + v * VL);
-                for (int j = 0; j < xrows; j++) {
-                    vf xv = load_f32(x + (m + j) * K + k + v * VL);
-                    for (int r = 0; r < rows; r++) acc[r][j] = fma_v(wv[r], xv, acc[r][j]);
-                }
-            }
-            continue;
-        }
-        vf wv[R][NV];
-        for (int r = 0; r < rows; r++)
-            for (int v = 0; v < NV; v++) wv[r][v] = LOAD(w + (n + r) * K + k + v * VL);
-        for (int j = 0; j < xrows; j++)
-            for (int r = 0; r < rows; r++) acc[r][j] = line_fma(wv[r], x + (m + j) * K + k, acc[r][j]);
+/* out[j * R + r] = x[m + j] . w[n + r] for r < rows, j < xrows. A weight row is prefetched once per cache line, AHEAD
+   rows ahead, into L2 only (on a Zen 4 EPYC, float32 steps of 4 and 8 rows ran 1.5x and 1.3x as fast as with
+   prefetches into L1). A function of its own per shape, with its accumulators an array of that size: only so does
+   GCC 12 keep them, the rows' pointers and the weights in registers (inlined into `product`, or with the shape as
+   arguments, it reloads pointers or accumulators from the stack in the loop; steps of 8 rows ran 1.06-1.10x as
+   fast without). */
+#define DEFINE_TILE(name, ROWS_, XROWS_)                                                                            \
+    static __attribute__((noinline)) void name(const float *x, const W *w, float *out, int64_t K, int64_t n,      \
+                                               int64_t m) {                                                       \
+        enum { rows = ROWS_, xrows = XROWS_ };                                                                     \
+        vf acc[rows][xrows] = {0};                                                                                 \
+        const W *wr = w + n * K;                                                                                   \
+        const float *xr = x + m * K;                                                                               \
+        int64_t k = 0;                                                                                             \
+        for (; k + LINE <= K; k += LINE) {                                                                         \
+            for (int r = 0; r < rows; r++) __builtin_prefetch(wr + (r + AHEAD) * K + k, 0, 2);                     \
+            vf wv[rows][NV];                                                                                       \
+            for (int r = 0; r < rows; r++)                                                                         \
+                for (int v = 0; v < NV; v++) wv[r][v] = LOAD(wr + r * K + k + v * VL);                             \
+            if (NV <= 2) { /* line_fma's chain, a vector at a time across the tile: each x vector loaded once */  \
+                for (int v = 0; v < NV; v++)                                                                       \
+                    for (int j = 0; j < xrows; j++) {                                                              \
+                        vf xv = load_f32(xr + j * K + k + v * VL);                                                 \
+                        for (int r = 0; r < rows; r++) acc[r][j] = fma_v(wv[r][v], xv, acc[r][j]);                \
+                    }                                                                                              \
+            } else {                                                                                               \
+                for (int j = 0; j < xrows; j++)                                                                    \
+                    for (int r = 0; r < rows; r++) acc[r][j] = line_fma(wv[r], xr + j * K + k, acc[r][j]);        \
+            }                                                                                                      \
+        }                                                                                                          \
+        for (int r = 0; r < rows; r++)                                                                             \
+            for (int j = 0; j < xrows; j++) {                                                                      \
+                float s = tree_sum(acc[r][j]);                                                                     \
+                for (int64_t t = k; t < K; t++) s = __builtin_fmaf(xr[j * K + t], WIDEN(wr[r * K + t]), s);       \
+                out[j * R + r] = s;                                                                                \
+            }                                                                                                      \
     }
-    for (int r = 0; r < rows; r++)
-        for (int j = 0; j < xrows; j++) {
-            float s = sum(acc[r][j]);
-            for (int64_t t = k; t < K; t++) s = __builtin_fmaf(x[(m + j) * K + t], WIDEN(w[(n + r) * K + t]), s);
-            out[j * R + r] = s;
-        }
-}
+DEFINE_TILE(tile_1, TILE_ROWS(1), 1)
+DEFINE_TILE(tile_2, TILE_ROWS(2), 2)
+DEFINE_TILE(tile_3, TILE_ROWS(3), 3)
+DEFINE_TILE(tile_4, TILE_ROWS(4), 4)
+DEFINE_TILE(tile_5, TILE_ROWS(5), 5)
+DEFINE_TILE(tile_6, TILE_ROWS(6), 6)
+DEFINE_TILE(tile_7, TILE_ROWS(7), 7)
+DEFINE_TILE(tile_8, TILE_ROWS(8), 8)
+DEFINE_TILE(tile_row, 1, 1) /* a weight row and an x row: the last tile's rows, where N is not a multiple of R */
+#undef DEFINE_TILE
 
-/* x . w over K, summed as `tile` sums a row (one accumulator, line_fma a cache line at a time, then the tail), so that a row's
+/* x . w over K, summed as the tiles sum a row (one accumulator, line_fma a cache line at a time, then the tail), so that a row's
    result is the same bits whatever the rows of its step; but one weight row after another, the line STREAM_AHEAD
    bytes ahead prefetched into L2, so that a thread whose weight rows follow each other in memory reads one linear
    stream (the rows' sums overlap out of order; on a Zen 4 EPYC, 2 KB ahead into L1 ran whole steps at 0.8-0.9x).
-   Which of this and `tile` streams faster from memory depends on the CPU's prefetchers (gpt2.kernels has a
+   Which of this and the tiles streams faster from memory depends on the CPU's prefetchers (gpt2.kernels has a
    candidate of each). */
 static inline float streamed_dot(const float *x, const W *w, int64_t K) {
     vf acc = {0};
@@ -206,7 +235,7 @@ static inline float streamed_dot(const float *x, const W *w, int64_t K) {
         for (int v = 0; v < NV; v++) wv[v] = LOAD(w + k + v * VL);
         acc = line_fma(wv, x + k, acc);
     }
-    float s = sum(acc);
+    float s = tree_sum(acc);
     for (; k < K; k++) s = __builtin_fmaf(x[k], WIDEN(w[k]), s);
     return s;
 }
@@ -229,14 +258,14 @@ static void product(const struct product *p, const float *x, float *y, int64_t M
                 switch (end - m0) { /* a tile shape per row count, whose loops the compiler unrolls */
 #define TILES(xrows)                                                                                               \
     case xrows:                                                                                                    \
-        for (int r = 0; r < R; r += TILE_ROWS(xrows)) tile(x, w, out + r, K, n0 + r, m0, TILE_ROWS(xrows), xrows); \
+        for (int r = 0; r < R; r += TILE_ROWS(xrows)) tile_##xrows(x, w, out + r, K, n0 + r, m0); \
         break;
                     TILES(1) TILES(2) TILES(3) TILES(4) TILES(5) TILES(6) TILES(7) TILES(8)
 #undef TILES
                 }
             } else {
                 for (int r = 0; r < rows; r++)
-                    for (m = m0; m < end; m++) tile(x, w, out + (m - m0) * R + r, K, n0 + r, m, 1, 1);
+                    for (m = m0; m < end; m++) tile_row(x, w, out + (m - m0) * R + r, K, n0 + r, m);
             }
             for (m = m0; m < end; m++)
                 for (int r = 0; r < rows; r++) {
@@ -307,19 +336,6 @@ static void gelu(float *x, int64_t n) {
     }
 #pragma omp single
     for (int64_t i = vectors * VL; i < n; i++) x[i] -= x[i] / (exp_1(x[i] * (a + b * x[i] * x[i])) + 1.0f);
-}
-
-/* The sum of v's lanes, in a tree (the attention's dot products; the products' sums stay `sum`). */
-static inline float tree_sum(vf v) {
-#if defined(__x86_64__) && defined(__AVX512F__)
-    return _mm512_reduce_add_ps((__m512)v);
-#elif defined(__x86_64__) && defined(__FMA__) && VBYTES == 32
-    __m128 half = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
-    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-    return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
-#else
-    return sum(v);
-#endif
 }
 
 static float dot(const float *a, const float *b, int64_t n) {

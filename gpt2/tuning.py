@@ -72,7 +72,7 @@ REBUILT_MARGIN = 0.25  # how much faster a form built on every load (packed) mus
 # (step_in_one_call): with every block product and the LM head native, a step runs in one call, a fifth faster at
 # batch 1.
 STEP_NATIVE_MARGIN = 1.2
-RANKING = 15  # how rankings are measured, and of which candidates: part of the cache key, so a change measures again
+RANKING = 16  # how rankings are measured, and of which candidates: part of the cache key, so a change measures again
 
 # The instruction sets that decide which kernels win: part of the ranking's key, named in benchmark tables.
 KERNEL_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16",
