@@ -160,16 +160,17 @@ static inline vf line_fma(const vf *wv, const vf *xv, vf acc) {
     return acc + part;
 }
 
-/* The line of x at p (NV vectors) into xv, kept in registers: left to itself, GCC folds each load into every
+/* v, kept in a register where `pin`: left to itself, GCC folds the load of each vector of x into every
    multiply-add that uses it, once per weight row of a tile, and the loads, not the arithmetic, bound the tile
-   (float32 steps of 8 rows ran 1.09x as fast, bfloat16 1.17x, on a Zen 4 EPYC). */
-static inline void load_line(const float *p, vf *xv) {
-    for (int v = 0; v < NV; v++) {
-        xv[v] = load_f32(p + v * VL);
+   (float32 steps of 8 rows ran 1.09x as fast, bfloat16 1.17x, on a Zen 4 EPYC). Only with AVX-512's 32
+   registers, where the tile's accumulators and the vectors it holds leave a few free (PINNED): with AVX2's
+   16, pinned x vectors spilled the others (tiles of 4 rows ran at 0.7-0.9x). */
+#define PINNED(rows, xrows) (ACC == 16 && (rows) * (xrows) + ((rows) + 1) * NV <= 2 * ACC - 4)
+static inline vf pinned(vf v, const int pin) {
 #if defined(__x86_64__)
-        __asm__("" : "+v"(xv[v]));
+    if (pin) __asm__("" : "+v"(v));
 #endif
-    }
+    return v;
 }
 
 /* One weight (N, K) and what its product adds: int8's bfloat16 row scales, the bias (NULL: none), and int8's
@@ -200,12 +201,24 @@ struct product {
         int64_t k = 0;                                                                                             \
         for (; k + LINE <= K; k += LINE) {                                                                         \
             for (int r = 0; r < rows; r++) __builtin_prefetch(wr + (r + AHEAD) * K + k, 0, 2);                     \
+            if (NV <= 2 && !PINNED(rows, xrows)) { /* line_fma's chain a vector at a time: fewer registers */   \
+                for (int v = 0; v < NV; v++) {                                                                     \
+                    vf wv[rows];                                                                                   \
+                    for (int r = 0; r < rows; r++) wv[r] = LOAD(wr + r * K + k + v * VL);                          \
+                    for (int j = 0; j < xrows; j++) {                                                              \
+                        vf xv = load_f32(xr + j * K + k + v * VL);                                                 \
+                        for (int r = 0; r < rows; r++) acc[r][j] = fma_v(wv[r], xv, acc[r][j]);                    \
+                    }                                                                                              \
+                }                                                                                                  \
+                continue;                                                                                          \
+            }                                                                                                      \
             vf wv[rows][NV];                                                                                       \
             for (int r = 0; r < rows; r++)                                                                         \
                 for (int v = 0; v < NV; v++) wv[r][v] = LOAD(wr + r * K + k + v * VL);                             \
             for (int j = 0; j < xrows; j++) {                                                                      \
                 vf xv[NV];                                                                                         \
-                load_line(xr + j * K + k, xv);                                                                     \
+                for (int v = 0; v < NV; v++)                                                                       \
+                    xv[v] = pinned(load_f32(xr + j * K + k + v * VL), PINNED(rows, xrows));                        \
                 for (int r = 0; r < rows; r++) acc[r][j] = line_fma(wv[r], xv, acc[r][j]);                        \
             }                                                                                                      \
         }                                                                                                          \
