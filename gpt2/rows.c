@@ -92,7 +92,6 @@ static inline float tree_sum(vf v) {
 #endif
 }
 
-
 /* e**x, within 2 ulp (Cephes' expf: x = n ln 2 + r, |r| <= ln 2 / 2, a polynomial in r times 2**n); x is
    clamped to [-87, 88], where 2**n is a normal float. */
 static inline vf exp_v(vf x) {
@@ -144,9 +143,9 @@ typedef uint16_t BIAS;
 #define LINE (64 / (int)sizeof(W)) /* weights per cache line, a multiple of VL */
 #define NV (LINE / VL)             /* vectors per cache line */
 
-/* acc + x . w over one cache line of a weight row (its NV vectors, widened, in wv; x's in xv), as every product kernel sums
-   a row's lines: a line of up to 2 vectors in fused multiply-adds into acc, in turn; a longer one (int8, and
-   bfloat16 with AVX2) summed on its own and then added, so that a row's sum waits on one add per line instead of
+/* acc + x . w over one cache line of a weight row (its NV vectors, widened, in wv; x's in xv), as every product
+   kernel sums a row's lines: a line of up to 2 vectors in fused multiply-adds into acc, in turn; a longer one (int8,
+   and bfloat16 with AVX2) summed on its own and then added, so that a row's sum waits on one add per line instead of
    a chain of NV multiply-adds (an int8 row, hot in the core's cache, read at 38 GB/s with its 4 in a chain, 56
    without). Lines of 2 keep the chain: the line's own sum took a third more arithmetic, and a bfloat16 step of
    8 rows, bound by it, read at 17 GB/s instead of 24. */
@@ -182,7 +181,7 @@ struct product {
     const int64_t *outliers;
     const float *columns;
     int64_t n_outliers;
-    int64_t stream; /* one x row: weight rows in turn (streamed_dot), else R at a time (tile) */
+    int64_t stream; /* one x row: weight rows in turn (streamed_dot), else R at a time (the tiles) */
 };
 
 /* out[j * R + r] = x[m + j] . w[n + r] for r < rows, j < xrows. A weight row is prefetched once per cache line, AHEAD
@@ -240,10 +239,11 @@ DEFINE_TILE(tile_8, TILE_ROWS(8), 8)
 DEFINE_TILE(tile_row, 1, 1) /* a weight row and an x row: the last tile's rows, where N is not a multiple of R */
 #undef DEFINE_TILE
 
-/* x . w over K, summed as the tiles sum a row (one accumulator, line_fma a cache line at a time, then the tail), so that a row's
-   result is the same bits whatever the rows of its step; but one weight row after another, the line STREAM_AHEAD
-   bytes ahead prefetched into L2, so that a thread whose weight rows follow each other in memory reads one linear
-   stream (the rows' sums overlap out of order; on a Zen 4 EPYC, 2 KB ahead into L1 ran whole steps at 0.8-0.9x).
+/* x . w over K, summed as the tiles sum a row (one accumulator, line_fma a cache line at a time, then the tail), so
+   that a row's result is the same bits whatever the rows of its step; but one weight row after another, the line
+   STREAM_AHEAD bytes ahead prefetched into L2, so that a thread whose weight rows follow each other in memory reads
+   one linear stream (the rows' sums overlap out of order; on a Zen 4 EPYC, 2 KB ahead into L1 ran whole steps at
+   0.8-0.9x).
    Which of this and the tiles streams faster from memory depends on the CPU's prefetchers (gpt2.kernels has a
    candidate of each). */
 static inline float streamed_dot(const float *x, const W *w, int64_t K) {
@@ -278,7 +278,7 @@ static void product(const struct product *p, const float *x, float *y, int64_t M
                 switch (end - m0) { /* a tile shape per row count, whose loops the compiler unrolls */
 #define TILES(xrows)                                                                                               \
     case xrows:                                                                                                    \
-        for (int r = 0; r < R; r += TILE_ROWS(xrows)) tile_##xrows(x, w, out + r, K, n0 + r, m0); \
+        for (int r = 0; r < R; r += TILE_ROWS(xrows)) tile_##xrows(x, w, out + r, K, n0 + r, m0);                 \
         break;
                     TILES(1) TILES(2) TILES(3) TILES(4) TILES(5) TILES(6) TILES(7) TILES(8)
 #undef TILES
