@@ -188,8 +188,8 @@ struct product {
    rows ahead, into L2 only (on a Zen 4 EPYC, float32 steps of 4 and 8 rows ran 1.5x and 1.3x as fast as with
    prefetches into L1). A function of its own per shape, with its accumulators an array of that size: only so does
    GCC 12 keep them, the rows' pointers and the weights in registers (inlined into `product`, or with the shape as
-   arguments, it reloads pointers or accumulators from the stack in the loop; steps of 8 rows ran 1.06-1.10x as
-   fast without). */
+   arguments, it reloaded pointers or accumulators from the stack in the loop; a function per shape ran steps of 8
+   rows 1.06-1.10x as fast). */
 #define DEFINE_TILE(name, ROWS_, XROWS_)                                                                            \
     static __attribute__((noinline)) void name(const float *x, const W *w, float *out, int64_t K, int64_t n,      \
                                                int64_t m) {                                                       \
