@@ -18,7 +18,7 @@ import gpt2.quantize
 import gpt2.tuning
 from gpt2.checkpoint import load_model
 from gpt2.errors import GPT2Error
-from gpt2.kernels import Kernel, _dense_form, _transposed_form, int8_dynamic_available
+from gpt2.kernels import Kernel, Projection, _dense_form, _transposed_form, int8_dynamic_available
 from gpt2.model import GPT2LMHeadModel
 from gpt2.native import available as native_available
 from gpt2.native import native_run
@@ -403,6 +403,37 @@ def test_moving_a_cpu_model_elsewhere_says_to_load_it_again(small, move):
     ids = torch.tensor([[1, 2, 3]])
     with torch.inference_mode():
         assert torch.equal(copy.deepcopy(model)(ids), model(ids))
+
+
+@pytest.mark.parametrize("name", ["float32 F.linear", "float32 oneDNN packed", "bfloat16 oneDNN",
+                                  "bfloat16 oneDNN packed"])
+def test_a_prompts_mlp_fuses_gelu_into_c_fc_unless_a_hook_watches_it(small, name):
+    """A prompt's c_fc on a kernel with gelu fused (oneDNN's) runs gelu in the product's call, within the
+    precision's tolerance of the product then gelu in float64; a decode step's rows keep the product, then
+    F.gelu; a forward hook on c_fc sees the product alone, and the MLP goes on from what the hook saw."""
+    dtype = torch.float32 if name.startswith("float32") else torch.bfloat16
+    kernel = next((k for k in gpt2.kernels.kernels_for(str(dtype)[6:], native=False) if k.name == name), None)
+    if kernel is None or kernel.run_gelu is None:
+        pytest.skip(f"no oneDNN {dtype} product on this CPU")
+    model = load_model(small[1], dtype=dtype, kernels="default")
+    mlp = model.transformer.h[0].mlp
+    weight, bias = mlp.c_fc.weight_and_bias()
+    stored = kernel.form.build(weight, bias, None)
+    mlp.c_fc = Projection(stored, kernel, kernel, dtype, tuple(weight.shape))
+    x = torch.randn(1, 16, weight.size(1), generator=torch.Generator().manual_seed(3)).to(dtype)  # 16 rows: a prompt
+    exact = F.gelu(F.linear(x[0].double(), weight.double(), bias.double()), approximate="tanh")  # (16, 4 * n_embd)
+    fused = kernel.run_gelu(x[0], stored)
+    assert (fused.double() - exact).abs().max() <= (1e-5 if dtype == torch.float32 else 1e-2) * exact.abs().max()
+    with torch.inference_mode():
+        assert torch.equal(mlp(x), mlp.c_proj(fused.unsqueeze(0)))
+        step = x[:, :8]  # a decode step's rows
+        assert torch.equal(mlp(step), mlp.c_proj(F.gelu(kernel.run(step[0], stored), approximate="tanh").unsqueeze(0)))
+        seen = []
+        hook = mlp.c_fc.register_forward_hook(lambda module, args, out: seen.append(out))
+        hooked = mlp(x)
+        hook.remove()
+    assert len(seen) == 1 and seen[0].min() < -0.2  # below gelu's least value: the product alone
+    assert torch.equal(hooked, mlp.c_proj(F.gelu(seen[0], approximate="tanh")))
 
 
 # ---------------------------------------------------------------------------------------------------
