@@ -72,7 +72,7 @@ REBUILT_MARGIN = 0.25  # how much faster a form built on every load (packed) mus
 # (step_in_one_call): with every block product and the LM head native, a step runs in one call, a fifth faster at
 # batch 1.
 STEP_NATIVE_MARGIN = 1.2
-RANKING = 16  # how rankings are measured, and of which candidates: part of the cache key, so a change measures again
+RANKING = 17  # how rankings are measured, and of which candidates: part of the cache key, so a change measures again
 
 # The instruction sets that decide which kernels win: part of the ranking's key, named in benchmark tables.
 KERNEL_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16",
@@ -88,25 +88,31 @@ clock_for_timing: Clock = time.perf_counter  # what timing reads when no clock i
 @dataclass(frozen=True)
 class Choice:
     """A product's ranking: decode kernels fastest first, and per form the fastest prefill kernel on it; `cost`:
-    what each ranked kernel costs a decode step, in seconds (none without measuring)."""
+    what each ranked kernel costs a decode step, in seconds (none without measuring); `fused_gelu`: the forms
+    whose prefill kernel ran faster with gelu fused (Kernel.run_gelu) than followed by F.gelu, for a product
+    that gelu follows (c_fc)."""
 
     decode: tuple[str, ...]
     prefill: dict[str, str]
     cost: dict[str, float] = field(default_factory=dict)
+    fused_gelu: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
-        return {"decode": list(self.decode), "prefill": self.prefill, "cost": self.cost}
+        return {"decode": list(self.decode), "prefill": self.prefill, "cost": self.cost,
+                "fused_gelu": list(self.fused_gelu)}
 
     @staticmethod
     def from_json(entry: object) -> Choice | None:
         if not isinstance(entry, dict) or not isinstance(entry.get("decode"), list) \
-                or not isinstance(entry.get("prefill"), dict) or not isinstance(entry.get("cost", {}), dict):
+                or not isinstance(entry.get("prefill"), dict) or not isinstance(entry.get("cost", {}), dict) \
+                or not isinstance(entry.get("fused_gelu", []), list):
             return None
         try:
             cost = {str(k): float(v) for k, v in entry.get("cost", {}).items()}
         except (TypeError, ValueError):
             return None
-        return Choice(tuple(map(str, entry["decode"])), {str(k): str(v) for k, v in entry["prefill"].items()}, cost)
+        return Choice(tuple(map(str, entry["decode"])), {str(k): str(v) for k, v in entry["prefill"].items()}, cost,
+                      tuple(map(str, entry.get("fused_gelu", []))))
 
     def native_first(self, kernels: list[Kernel]) -> Choice:
         """This ranking with its fastest native kernel (among `kernels`) first; itself where it has none."""
@@ -144,9 +150,10 @@ def _step_costs(products: Iterable[tuple[Choice, list[Kernel]]]) -> tuple[float,
     return best, native
 
 
-def choices_for_a_step(precision: str, layouts: list[Layout], mode: str,
-                       kernels: list[Kernel]) -> tuple[dict[Layout, Choice], bool]:
-    """choices_for a model's products (`layouts`, the LM head's last) and whether its steps run in one call
+def choices_for_a_step(precision: str, layouts: list[Layout], mode: str, kernels: list[Kernel],
+                       gelu: Iterable[Layout] = ()) -> tuple[dict[Layout, Choice], bool]:
+    """choices_for a model's products (`layouts`, the LM head's last; `gelu`: those gelu follows) and whether its
+    steps run in one call
     (step_in_one_call). Where they were measured just now and the call lost although every product has a
     native kernel, they are measured once more, and that ranking kept: on a shared machine a burst of load
     once slowed every native kernel's passes in a tuning to 1.7 times the others' (here twice its usual cost),
@@ -158,10 +165,11 @@ def choices_for_a_step(precision: str, layouts: list[Layout], mode: str,
                 (choices[head], head_kernels(precision, kernels))]
 
     measured: set[Layout] = set()
-    choices = choices_for(precision, layouts, mode, head=head, measured=measured)
+    gelu = set(gelu)
+    choices = choices_for(precision, layouts, mode, head=head, measured=measured, gelu=gelu)
     native = step_in_one_call(products(choices))
     if measured and not native and math.isfinite(_step_costs(products(choices))[1]):
-        choices = choices_for(precision, layouts, "tune", head=head)
+        choices = choices_for(precision, layouts, "tune", head=head, gelu=gelu)
         native = step_in_one_call(products(choices))
     return choices, native
 
@@ -199,17 +207,19 @@ def cpu_description() -> str:
     return f"{cpu_name()} ({' '.join(f for f in KERNEL_FLAGS if f in flags) or 'flags unknown'})"
 
 
-def cache_key(precision: str, layout: Layout, candidates: Iterable[str]) -> str:
+def cache_key(precision: str, layout: Layout, candidates: Iterable[str], gelu: bool = False) -> str:
     """What a measurement depends on: CPU and its instruction sets (as the hardware has them and as torch and
     ISA_VARIABLES let the kernels use them), threads, torch build, precision, the weight's (out, in) and
-    whether it is stored (in, out) (a Conv1D weight as loaded), how it is measured, and the candidates (one
-    that was missing, such as a compiled kernel whose build failed, is measured once it is there)."""
+    whether it is stored (in, out) (a Conv1D weight as loaded), whether gelu follows the product, how it is
+    measured, and the candidates (one that was missing, such as a compiled kernel whose build failed, is
+    measured once it is there)."""
     (out_features, in_features), transposed = layout
     limits = "".join(f"; {name}={os.environ[name]}" for name in ISA_VARIABLES if os.environ.get(name))
     tried = hashlib.sha256("\n".join(sorted(candidates)).encode()).hexdigest()[:8]
     return (f"{cpu_description()}; ATen {torch.backends.cpu.get_cpu_capability()}{limits} | threads "
             f"{torch.get_num_threads()} | torch {torch.__version__} | {precision} | "
-            f"{out_features}x{in_features}{' stored (in, out)' if transposed else ''} | ranking {RANKING} | "
+            f"{out_features}x{in_features}{' stored (in, out)' if transposed else ''}{' then gelu' if gelu else ''} | "
+            f"ranking {RANKING} | "
             f"candidates {tried}")
 
 
@@ -302,14 +312,16 @@ def _close(result: Tensor, exact: Tensor, tolerance: float) -> bool:
 
 
 def measure(kernels: list[Kernel], shape: tuple[int, int], tolerance: float,
-            clock: Clock = time.perf_counter, transposed: bool = False, rows: int = 0) -> Choice:
+            clock: Clock = time.perf_counter, transposed: bool = False, rows: int = 0, gelu: bool = False) -> Choice:
     """Rank `kernels` for a weight of `shape` (out, in) (`transposed`: stored (in, out)) by the time of a
     decode step plus their packed form's build time over LOAD_STEPS, on fixed random tensors (the weight in
     copies, ROTATION_BYTES of them and at least `rows` rows, each call reading the next): all at one row,
     those within SCREEN times the fastest also at the other DECODE_TIMING_ROWS (their mean is the step).
     Prefill (PREFILL_TIMING_ROWS rows) picks, for each form, among the prefill candidates that read it. A
     kernel whose form cannot hold the random weight, that fails, or whose result is off the float64 product by
-    more than `tolerance` of its largest value, is left out."""
+    more than `tolerance` of its largest value, is left out. `gelu`: the product is followed by gelu, and each
+    form's prefill kernel that has it fused is also timed so, against itself followed by F.gelu (oneDNN's
+    fused gelu runs faster with AVX-512, slower with AVX2 only)."""
     weight, bias, inputs = _random_operands(shape, transposed)
     x = inputs[DECODE_TIMING_ROWS[-1]]
     exact = torch.nn.functional.linear(x.double(), weight.double(), bias.double())  # (rows, out)
@@ -350,7 +362,20 @@ def measure(kernels: list[Kernel], shape: tuple[int, int], tolerance: float,
             times = _fastest_calls({name: (by_name[name], stored[form][:1]) for name in names},
                                    inputs[PREFILL_TIMING_ROWS], clock)
             names[:] = [min(times, key=times.get)]
-    return Choice(ranking, {form: names[0] for form, names in prefill.items()}, {name: cost[name] for name in ranking})
+    fused = tuple(form for form, names in prefill.items() if gelu and by_name[names[0]].run_gelu is not None
+                  and _gelu_pays(by_name[names[0]], stored[form][0], inputs[PREFILL_TIMING_ROWS], clock))
+    return Choice(ranking, {form: names[0] for form, names in prefill.items()}, {name: cost[name] for name in ranking},
+                  fused)
+
+
+def _gelu_pays(kernel: Kernel, stored: Stored, x: Tensor, clock: Clock) -> bool:
+    """Whether `kernel` with gelu fused runs faster than itself followed by F.gelu (fastest of REPEATS each, in
+    turns, after an untimed call of each)."""
+    fused = dataclasses.replace(kernel, run=kernel.run_gelu)
+    then = dataclasses.replace(kernel, run=lambda rows, s: torch.nn.functional.gelu(kernel.run(rows, s),
+                                                                                    approximate="tanh"))
+    times = _fastest_calls({"fused": (fused, [stored]), "then": (then, [stored])}, x, clock)
+    return times["fused"] < times["then"]
 
 
 def _prefill_candidates(kernels: list[Kernel]) -> dict[str, list[str]]:
@@ -383,9 +408,10 @@ def default_choice(kernels: list[Kernel]) -> Choice:
 
 
 def choices_for(precision: str, layouts: Iterable[Layout], mode: str, clock: Clock | None = None,
-                head: Layout | None = None, measured: set[Layout] | None = None) -> dict[Layout, Choice]:
-    """A ranking for every weight layout (`head`: the LM head's): from the cache file, or measured (and
-    written there; added to `measured`), or the defaults."""
+                head: Layout | None = None, measured: set[Layout] | None = None,
+                gelu: set[Layout] | frozenset[Layout] = frozenset()) -> dict[Layout, Choice]:
+    """A ranking for every weight layout (`head`: the LM head's; `gelu`: those gelu follows): from the cache
+    file, or measured (and written there; added to `measured`), or the defaults."""
     kernels = kernels_for(precision, mode != "default")
     if not kernels:
         raise GPT2Error(f"this torch build ({torch.__version__}) has no CPU kernel for {precision} products "
@@ -406,13 +432,13 @@ def choices_for(precision: str, layouts: Iterable[Layout], mode: str, clock: Clo
             # takes, and a transposed one would be a second copy of the table.
             candidates = head_kernels(precision, kernels)
             candidates = [k for k in candidates if k.form.kept and not k.form.transposed] or candidates
-        key = cache_key(precision, layout, [k.name for k in candidates])
+        key = cache_key(precision, layout, [k.name for k in candidates], layout in gelu)
         choice = Choice.from_json(cached.get(key))
         if choice is None or not set(choice.decode) <= names:
             (out_features, in_features), transposed = layout
             timed = (min(out_features, HEAD_TIMING_ROWS), in_features)
             choice = measure(candidates, timed, TOLERANCE[precision], clock or clock_for_timing, transposed,
-                             out_features)
+                             out_features, layout in gelu)
             if measured is not None:
                 measured.add(layout)
             stored[key], changed = choice.to_json(), True
@@ -446,6 +472,8 @@ def projection(weight: Tensor, bias: Tensor | None, choice: Choice, kernels: lis
             prefill = by_name.get(choice.prefill.get(kernel.form.name, kernel.name), kernel)
             if prefill.form.name != kernel.form.name:
                 prefill = kernel
+            if prefill.run_gelu is not None and prefill.form.name not in choice.fused_gelu:
+                prefill = dataclasses.replace(prefill, run_gelu=None)  # not measured faster here, or no gelu follows
             if kernel.aligned or prefill.aligned:
                 stored = aligned(stored)
             return Projection(stored, kernel, prefill, dtype, tuple(weight.shape), tied)
@@ -490,7 +518,8 @@ def use_cpu_kernels(model: nn.Module, precision: str, mode: str | None = None,
     dtype = wte.dtype
     weights = [getattr(parent, name).weight for parent, name in places] + [wte]
     kernels = kernels_for(precision, mode != "default")
-    choices, native = choices_for_a_step(precision, [layout_of(weight) for weight in weights], mode, kernels)
+    gelu = [layout_of(getattr(parent, name).weight) for parent, name in places if name == "c_fc"]  # the MLP's
+    choices, native = choices_for_a_step(precision, [layout_of(weight) for weight in weights], mode, kernels, gelu)
     names = {id(module): name for name, module in model.named_modules()}
     calibration, dynamic, settled = None, {}, None
     if precision == "int8":

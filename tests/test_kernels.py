@@ -54,15 +54,23 @@ class FakeClock:
         return self.now
 
 
-def fake_kernel(clock: FakeClock, name: str, seconds_per_rows: dict[int, float], form=DENSE, exact=True) -> Kernel:
-    """A correct product (or, not `exact`, a wrong one) that takes `seconds_per_rows[rows]` on `clock`."""
+def fake_kernel(clock: FakeClock, name: str, seconds_per_rows: dict[int, float], form=DENSE, exact=True,
+                gelu_seconds: float | None = None) -> Kernel:
+    """A correct product (or, not `exact`, a wrong one) that takes `seconds_per_rows[rows]` on `clock`; with
+    `gelu_seconds`, also with gelu fused, taking that long at any row count."""
     def run(x, stored):
         clock.now += seconds_per_rows.get(x.size(0), 0.0)
         clock.calls.append((name, x.size(0)))
         weight, bias = form.unpack(stored)
         return F.linear(x, weight, bias) * (1 if exact else 1.5)
 
-    return Kernel(name, form, run)
+    def run_gelu(x, stored):
+        clock.now += gelu_seconds
+        clock.calls.append((f"{name} with gelu", x.size(0)))
+        weight, bias = form.unpack(stored)
+        return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+
+    return Kernel(name, form, run, run_gelu=None if gelu_seconds is None else run_gelu)
 
 
 def costs(one: float, eight: float, prefill: float) -> dict[int, float]:
@@ -93,6 +101,28 @@ def test_measure_ranks_by_decode_time_and_picks_prefill_on_each_form(clock):
     assert choice.prefill == {DENSE.name: "slow decode, fast prefill", TRANSPOSED.name: "other form, fast prefill",
                               THIRD.name: "alone on its form"}
     assert ("alone on its form", PREFILL_TIMING_ROWS) not in clock.calls  # nothing to choose from
+
+
+@pytest.mark.parametrize("gelu_seconds", [0.5, 1.5])
+def test_gelu_is_fused_into_the_prefill_product_where_measured_faster(clock, gelu_seconds):
+    """For a product that gelu follows, each form's prefill kernel with gelu fused is timed against itself then
+    F.gelu (1 fake second and no more: F.gelu costs nothing on the fake clock): kept only where it wins, and the
+    Projection built from the choice runs it only then; no other product is timed with gelu."""
+    kernels = [fake_kernel(clock, "decode", costs(1, 1, 9)), fake_kernel(clock, "prefill", costs(5, 5, 1),
+                                                                           gelu_seconds=gelu_seconds)]
+    choice = measure(kernels, W, 1e-5, clock, gelu=True)
+    assert choice.prefill == {DENSE.name: "prefill"} and ("prefill with gelu", PREFILL_TIMING_ROWS) in clock.calls
+    assert choice.fused_gelu == ((DENSE.name,) if gelu_seconds < 1 else ())
+    assert Choice.from_json(json.loads(json.dumps(choice.to_json()))) == choice
+    weight, bias = torch.randn(*W), torch.randn(W[0])
+    module = gpt2.tuning.projection(weight, bias, choice, kernels, torch.float32)
+    assert module.decode.name == "decode" and (module.prefill.run_gelu is not None) == (gelu_seconds < 1)
+    clock.calls.clear()
+    x = torch.randn(PREFILL_TIMING_ROWS, W[1])
+    assert (module.forward_gelu(x) - F.gelu(F.linear(x, weight, bias), approximate="tanh")).abs().max() < 1e-5
+    assert clock.calls == [("prefill with gelu" if gelu_seconds < 1 else "prefill", PREFILL_TIMING_ROWS)]
+    clock.calls.clear()
+    assert measure(kernels, W, 1e-5, clock).fused_gelu == () and not any("gelu" in name for name, _ in clock.calls)
 
 
 def test_measure_screens_out_slow_failing_and_inexact_kernels(clock):
@@ -210,6 +240,10 @@ def test_choices_are_written_then_read_then_measured_again_for_a_new_key(fake_ke
     assert first[W, False].decode == ("b", "a") and len(clock.calls) > 0
     keys = set(_cache(empty_cache))
     assert len(keys) == 3 and all("float32" in key and f"torch {torch.__version__}" in key for key in keys)
+    then_gelu = choices_for("float32", shapes[:1], "cached", clock, gelu={shapes[0]})  # another key: measured
+    assert then_gelu == {shapes[0]: first[shapes[0]]} and len(_cache(empty_cache)) == 4
+    keys = set(_cache(empty_cache))
+    assert sum(" then gelu | " in key for key in keys) == 1
 
     def no_clock() -> float:
         raise AssertionError("measured although cached")
@@ -219,10 +253,10 @@ def test_choices_are_written_then_read_then_measured_again_for_a_new_key(fake_ke
     calls = len(clock.calls)
     choices_for("float32", shapes[:1], "cached", clock)
     assert len(clock.calls) > calls  # a new key: measured again, and added
-    assert len(_cache(empty_cache)) == 4
+    assert len(_cache(empty_cache)) == 5
     monkeypatch.setattr(torch, "get_num_threads", lambda: 97)
     choices_for("float32", shapes[:1], "cached", clock)
-    assert len(_cache(empty_cache)) == 5 and any("threads 97" in key for key in _cache(empty_cache))
+    assert len(_cache(empty_cache)) == 6 and any("threads 97" in key for key in _cache(empty_cache))
     # A generic model name with other instruction sets, or kernels kept to fewer of them, is another machine.
     monkeypatch.setattr(gpt2.tuning, "_cpuinfo", lambda: {"flags": "fpu avx2 fma amx_tile"})
     choices_for("float32", shapes[:1], "cached", clock)
@@ -234,7 +268,7 @@ def test_choices_are_written_then_read_then_measured_again_for_a_new_key(fake_ke
     # A candidate missing when the file was written (a compiled kernel whose build failed) is measured once there.
     fake_kernels.append(fake_kernel(clock, "c", costs(0.5, 0.5, 0.5)))
     assert choices_for("float32", shapes[:1], "cached", clock)[W, False].decode == ("c", "b", "a")
-    assert len(_cache(empty_cache)) == 8
+    assert len(_cache(empty_cache)) == 9
 
 
 def test_the_head_is_timed_on_kept_forms_over_its_whole_tables_bytes(clock, empty_cache, monkeypatch):
