@@ -108,8 +108,8 @@ def row_pieces(rows: int) -> list[int]:
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, gelu: bool = False) -> Tensor:
     """F.linear(x, weight, bias) through oneDNN on CPU (which also takes a packed weight, pack_weight), in
     row_pieces; F.linear where oneDNN is missing, has no product for the weight's dtype on this CPU, or the
-    tensors are elsewhere. `gelu`: gelu (tanh form) of the result, which oneDNN applies as it writes it (saving
-    a pass over the MLP's widest activations, a tenth of a prompt's time)."""
+    tensors are elsewhere. `gelu`: gelu (tanh form) of the result, which oneDNN applies as it writes it (a pass
+    over the MLP's widest activations saved, where the CPU makes that pay: gpt2.tuning measures it)."""
     if not weight.is_mkldnn and (x.device.type != "cpu" or not weight.is_contiguous()
                                  or not onednn_linear_available(weight.dtype)):
         y = F.linear(x, weight, bias)  # which also reads a transposed view as it is
@@ -257,14 +257,14 @@ def float_kernels(dtype: torch.dtype, native: bool = False) -> list[Kernel]:
     kernel compiled here (gpt2.native, which has one for float32 and bfloat16)."""
     dense, packed = _dense_form(dtype), _onednn_packed_form(dtype)
     takes = (torch.float32,) if dtype == torch.float32 else (torch.float32, dtype)
-    # oneDNN's product with gelu fused reads both forms: for a prompt's MLP it outruns F.linear and then gelu.
-    fused = _in(dtype)(functools.partial(linear, gelu=True)) if onednn_linear_available(dtype) else None
-    kernels = [Kernel(f"{_short(dtype)} F.linear", dense, _in(dtype)(F.linear), takes, run_gelu=fused),
+    # oneDNN's product with gelu fused reads both forms (used for c_fc where gpt2.tuning measures it faster).
+    fused = _in(dtype)(functools.partial(linear, gelu=True))
+    dense_fused = fused if onednn_linear_available(dtype) else None  # without oneDNN `linear` is F.linear
+    kernels = [Kernel(f"{_short(dtype)} F.linear", dense, _in(dtype)(F.linear), takes, run_gelu=dense_fused),
                Kernel(f"{_short(dtype)} mv", dense, _in(dtype)(_matvec), takes, prefills=False),
                *([Kernel(f"{_short(dtype)} oneDNN", dense, _in(dtype)(linear), takes, run_gelu=fused)]
-                 if fused else []),  # without it `linear` is F.linear
-               Kernel(f"{_short(dtype)} oneDNN packed", packed, _in(dtype)(linear), takes,
-                      run_gelu=_in(dtype)(functools.partial(linear, gelu=True)))]
+                 if dense_fused else []),
+               Kernel(f"{_short(dtype)} oneDNN packed", packed, _in(dtype)(linear), takes, run_gelu=fused)]
     if native:
         kernels += [Kernel(f"{_short(dtype)} native", dense, native_run, prefills=False),
                     Kernel(f"{_short(dtype)} native streaming", dense, native_stream_run, prefills=False)]

@@ -153,11 +153,10 @@ def _step_costs(products: Iterable[tuple[Choice, list[Kernel]]]) -> tuple[float,
 def choices_for_a_step(precision: str, layouts: list[Layout], mode: str, kernels: list[Kernel],
                        gelu: Iterable[Layout] = ()) -> tuple[dict[Layout, Choice], bool]:
     """choices_for a model's products (`layouts`, the LM head's last; `gelu`: those gelu follows) and whether its
-    steps run in one call
-    (step_in_one_call). Where they were measured just now and the call lost although every product has a
-    native kernel, they are measured once more, and that ranking kept: on a shared machine a burst of load
-    once slowed every native kernel's passes in a tuning to 1.7 times the others' (here twice its usual cost),
-    and the int8 model decoded at half speed off the call."""
+    steps run in one call (step_in_one_call). Where they were measured just now and the call lost although every
+    product has a native kernel, they are measured once more, and that ranking kept: on a shared machine a burst
+    of load once slowed every native kernel's passes in a tuning to 1.7 times the others' (here twice its usual
+    cost), and the int8 model decoded at half speed off the call."""
     head = layouts[-1]
 
     def products(choices: dict[Layout, Choice]) -> list[tuple[Choice, list[Kernel]]]:
@@ -219,8 +218,7 @@ def cache_key(precision: str, layout: Layout, candidates: Iterable[str], gelu: b
     return (f"{cpu_description()}; ATen {torch.backends.cpu.get_cpu_capability()}{limits} | threads "
             f"{torch.get_num_threads()} | torch {torch.__version__} | {precision} | "
             f"{out_features}x{in_features}{' stored (in, out)' if transposed else ''}{' then gelu' if gelu else ''} | "
-            f"ranking {RANKING} | "
-            f"candidates {tried}")
+            f"ranking {RANKING} | candidates {tried}")
 
 
 def cache_file() -> Path:
