@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from gpt2.config import GPT2Config
 from gpt2.kernels import DECODE_ROWS, Linear, Projection, check_movable, linear
-from gpt2.native_step import NativeStep
+from gpt2.native_step import NativeStep, forward_hooks
 
 CACHE_SLOT_STEP = 64  # KV caches are allocated in multiples of this many slots (see setup_caches)
 
@@ -97,15 +97,9 @@ class MLP(nn.Module):
         self.c_proj = Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x: Tensor) -> Tensor:
-        if isinstance(self.c_fc, Projection) and not _hooked(self.c_fc):  # a hook sees c_fc's own output
+        if isinstance(self.c_fc, Projection) and not any(forward_hooks([self.c_fc])):  # a hook sees c_fc's output
             return self.c_proj(self.c_fc.forward_gelu(x))
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
-
-
-def _hooked(module: nn.Module) -> bool:
-    """Whether calling `module` would run a forward hook or pre-hook (its own, or one set for every module)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks
-                or nn.modules.module._global_forward_pre_hooks)
 
 
 class Block(nn.Module):

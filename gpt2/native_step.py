@@ -37,15 +37,20 @@ class _Kept:
     def __init__(self, parts: Parts, step: NativeStep | None) -> None:
         self.owners, self.keys, self.values = (list(column) for column in zip(*parts))
         self.step = step
-        modules = [value for value in self.values if isinstance(value, torch.nn.Module)]
-        self.hooks = [nn_module._global_forward_hooks, nn_module._global_forward_pre_hooks,
-                      *(m._forward_hooks for m in modules), *(m._forward_pre_hooks for m in modules)]
+        self.hooks = forward_hooks([value for value in self.values if isinstance(value, torch.nn.Module)])
 
     def current(self) -> bool:
         return all(map(operator.is_, map(dict.get, self.owners, self.keys), self.values))
 
     def hooked(self) -> bool:
         return any(self.hooks)
+
+
+def forward_hooks(modules: list[torch.nn.Module]) -> list[dict]:
+    """The hook tables that calling any of `modules` runs, global and their own: any non-empty one means a hook
+    would not see a call made around the modules' forward()."""
+    return [nn_module._global_forward_hooks, nn_module._global_forward_pre_hooks,
+            *(m._forward_hooks for m in modules), *(m._forward_pre_hooks for m in modules)]
 
 
 _TABLES: weakref.WeakKeyDictionary[GPT2LMHeadModel, _Kept] = weakref.WeakKeyDictionary()
